@@ -1,0 +1,1 @@
+"""Generated protocol code for package ``nodepool.v1`` (see ``protos/``)."""
