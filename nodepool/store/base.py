@@ -1,0 +1,562 @@
+"""The storage contract: plain records in and out, one abstract ``Store``.
+
+Every backend passes ``tests/integration/test_store_contract.py``. Records are frozen
+dataclasses; no ORM object ever leaves a backend. Methods are synchronous (the server
+runs them in a thread pool) and raise only :mod:`nodepool.store.errors`.
+
+Conventions that hold for every method:
+
+* Times are timezone-aware UTC ``datetime`` values, in and out.
+* ``owner`` is a username. Usernames are unique case-insensitively and every lookup by
+  username ignores case; records carry the spelling given at registration.
+* ``get_*`` methods raise :class:`NotFound`, they never return ``None``.
+* Where an ``owner`` argument is accepted and not ``None``, a record owned by someone else
+  behaves exactly as a missing one (:class:`NotFound`), so callers cannot probe ids.
+* Listings return a :class:`Page`; ``cursor`` is the opaque ``next_cursor`` of the previous
+  page (``None`` on the first call, and ``None`` in the last page).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Generic, NamedTuple, TypeVar
+
+__all__ = [
+    "NODE_STATUSES",
+    "ROLES",
+    "TASK_ACTIVE_STATUSES",
+    "TASK_STATUSES",
+    "TASK_TERMINAL_STATUSES",
+    "UNSET",
+    "ApiKeyRecord",
+    "AuditEntry",
+    "Heartbeat",
+    "NodeRecord",
+    "Page",
+    "SessionRecord",
+    "Store",
+    "TaskRecord",
+    "Unset",
+    "UserRecord",
+]
+
+ROLES: Final = frozenset({"admin", "user", "node"})
+NODE_STATUSES: Final = frozenset({"online", "offline", "busy", "draining"})
+TASK_STATUSES: Final = frozenset(
+    {"pending", "assigned", "running", "completed", "failed", "cancelled"}
+)
+# A task in one of these states holds (or waits for) a node; it can still be cancelled.
+TASK_ACTIVE_STATUSES: Final = frozenset({"pending", "assigned", "running"})
+TASK_TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
+
+T = TypeVar("T")
+
+
+class Unset(enum.Enum):
+    """Marks "leave this field unchanged" where ``None`` is a meaningful new value."""
+
+    UNSET = "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+
+class Page(NamedTuple, Generic[T]):
+    """One page of a listing; unpacks as ``items, next_cursor``."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    id: int
+    username: str
+    password_hash: str
+    email: str | None
+    roles: frozenset[str]
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+    last_login: datetime | None
+    failed_logins: int
+    locked_until: datetime | None
+    password_changed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    id: str
+    owner_id: int
+    owner: str
+    ip_address: str
+    port: int
+    status: str
+    cpu_cores: int | None
+    memory_gb: float | None
+    disk_gb: float | None
+    labels: Mapping[str, str]
+    metrics: Mapping[str, Any]
+    drain_requested: bool
+    registered_at: datetime
+    last_heartbeat: datetime | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One buffered heartbeat, applied by :meth:`Store.apply_heartbeats`."""
+
+    node_id: str
+    status: str
+    metrics: Mapping[str, Any]
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    id: str
+    owner_id: int
+    owner: str
+    task_type: str
+    status: str
+    payload: bytes
+    required_cpu_cores: int
+    required_memory_gb: float
+    assigned_node_id: str | None
+    result: bytes | None
+    error: str | None
+    attempts: int
+    max_attempts: int
+    timeout_seconds: int
+    progress: float
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    lease_expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    id: int
+    owner_id: int
+    owner: str
+    lookup_id: str
+    secret_hash: str
+    name: str
+    scopes: frozenset[str]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A refresh-token family: ``id`` stays fixed while the token hash rotates."""
+
+    id: str
+    owner_id: int
+    owner: str
+    current_token_hash: str
+    generation: int
+    created_at: datetime
+    expires_at: datetime
+    rotated_at: datetime | None
+    revoked_at: datetime | None
+    revoked_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One audit line. ``id`` is ``None`` until stored; ``detail`` must already be redacted."""
+
+    at: datetime
+    principal: str
+    method: str
+    outcome: str
+    username: str | None = None
+    peer: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+
+class Store(abc.ABC):
+    """Everything Node Pool persists. See the module docstring for the shared conventions."""
+
+    # -- users -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_user(
+        self,
+        username: str,
+        password_hash: str,
+        *,
+        email: str | None = None,
+        roles: Iterable[str] = ("user",),
+    ) -> UserRecord:
+        """Create an active user with ``roles``.
+
+        Raises :class:`AlreadyExists` when the username is taken in any letter case, and
+        :class:`InvalidArgument` for a role outside :data:`ROLES`.
+        """
+
+    @abc.abstractmethod
+    def get_user(self, username: str) -> UserRecord:
+        """The user named ``username`` (any letter case); :class:`NotFound` otherwise."""
+
+    @abc.abstractmethod
+    def get_user_by_id(self, user_id: int) -> UserRecord:
+        """The user with primary key ``user_id``; :class:`NotFound` otherwise."""
+
+    @abc.abstractmethod
+    def update_user_fields(
+        self,
+        username: str,
+        *,
+        email: str | Unset | None = UNSET,
+        password_hash: str | Unset = UNSET,
+        is_active: bool | Unset = UNSET,
+    ) -> UserRecord:
+        """Change the given fields, leave the :data:`UNSET` ones; bumps ``updated_at``.
+
+        A new ``password_hash`` also sets ``password_changed_at``. :class:`NotFound` for an
+        unknown user.
+        """
+
+    @abc.abstractmethod
+    def set_roles(self, username: str, roles: Iterable[str]) -> UserRecord:
+        """Replace the user's roles with exactly ``roles`` (may be empty)."""
+
+    @abc.abstractmethod
+    def add_role(self, username: str, role: str) -> UserRecord:
+        """Grant ``role``; granting a role already held is a no-op."""
+
+    @abc.abstractmethod
+    def remove_role(self, username: str, role: str) -> UserRecord:
+        """Withdraw ``role``; withdrawing a role not held is a no-op."""
+
+    @abc.abstractmethod
+    def record_login_success(self, username: str) -> UserRecord:
+        """Set ``last_login`` to now and clear ``failed_logins`` and ``locked_until``."""
+
+    @abc.abstractmethod
+    def record_login_failure(
+        self, username: str, *, lock_after: int, lock_for: timedelta
+    ) -> UserRecord:
+        """Count one failed login atomically.
+
+        When the count reaches ``lock_after``, ``locked_until`` becomes now + ``lock_for``
+        (a later success resets both). Concurrent failures are all counted.
+        """
+
+    @abc.abstractmethod
+    def list_users(self, *, limit: int = 100, cursor: str | None = None) -> Page[UserRecord]:
+        """Users in creation (id) order."""
+
+    # -- nodes -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def register_node(
+        self,
+        node_id: str,
+        *,
+        owner: str,
+        ip_address: str,
+        port: int,
+        cpu_cores: int | None = None,
+        memory_gb: float | None = None,
+        disk_gb: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        max_nodes_per_owner: int | None = None,
+    ) -> tuple[NodeRecord, bool]:
+        """Insert the node, or update it when ``owner`` already holds ``node_id``.
+
+        Either way the node becomes ``online`` with ``last_heartbeat`` = now; a pending drain
+        request is kept. Returns the record and whether it was created.
+
+        Raises :class:`NotFound` for an unknown owner, :class:`Conflict` when another user
+        holds ``node_id``, and :class:`LimitExceeded` when inserting would give the owner
+        more than ``max_nodes_per_owner`` nodes (checked atomically with the insert; updates
+        are never refused).
+        """
+
+    @abc.abstractmethod
+    def get_node(self, node_id: str) -> NodeRecord:
+        """The node ``node_id``; :class:`NotFound` otherwise."""
+
+    @abc.abstractmethod
+    def list_nodes(
+        self,
+        *,
+        owner: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[NodeRecord]:
+        """Nodes ordered by id, optionally only ``owner``'s and/or in ``status``."""
+
+    @abc.abstractmethod
+    def count_nodes(self, *, owner: str | None = None, status: str | None = None) -> int:
+        """How many nodes match (an unknown owner has none)."""
+
+    @abc.abstractmethod
+    def remove_node(self, node_id: str, *, owner: str | None = None) -> None:
+        """Delete the node; its unfinished tasks go back to ``pending`` in the same
+        transaction (finished ones keep their history with ``assigned_node_id`` NULL).
+
+        :class:`NotFound` when missing, or not ``owner``'s when ``owner`` is given.
+        """
+
+    @abc.abstractmethod
+    def set_node_drain(self, node_id: str, drain: bool) -> NodeRecord:
+        """Set or clear the drain request that the next heartbeat reply carries."""
+
+    @abc.abstractmethod
+    def apply_heartbeats(self, beats: Sequence[Heartbeat]) -> None:
+        """Write a batch of buffered heartbeats in one statement and one transaction.
+
+        Each sets ``status``, ``metrics``, ``last_heartbeat`` = ``at``. A beat older than the
+        stored ``last_heartbeat`` is ignored (out-of-order delivery never rewinds a node), as
+        is a beat for a node that no longer exists.
+        """
+
+    @abc.abstractmethod
+    def mark_stale_nodes_offline(self, older_than: datetime) -> list[str]:
+        """Set ``offline`` every non-offline node whose last heartbeat (or registration, if it
+        never beat) is before ``older_than``; returns their ids. Tasks are not touched: call
+        :meth:`requeue_tasks_of_nodes` with the result."""
+
+    @abc.abstractmethod
+    def delete_offline_nodes_before(self, cutoff: datetime) -> int:
+        """Delete offline nodes last seen before ``cutoff`` (retention); returns the count."""
+
+    # -- tasks -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_task(
+        self,
+        *,
+        owner: str,
+        task_type: str,
+        payload: bytes = b"",
+        required_cpu_cores: int = 0,
+        required_memory_gb: float = 0.0,
+        max_attempts: int = 3,
+        timeout_seconds: int = 3600,
+        idempotency_key: str | None = None,
+    ) -> tuple[TaskRecord, bool]:
+        """Create a ``pending`` task with a fresh uuid4-hex id; returns it and ``True``.
+
+        With an ``idempotency_key`` the owner has used before, nothing is created and the
+        earlier task is returned with ``False`` (also under concurrent submissions).
+        :class:`NotFound` for an unknown owner.
+        """
+
+    @abc.abstractmethod
+    def get_task(self, task_id: str) -> TaskRecord:
+        """The task ``task_id``; :class:`NotFound` otherwise."""
+
+    @abc.abstractmethod
+    def list_tasks(
+        self,
+        *,
+        owner: str | None = None,
+        status: str | None = None,
+        assigned_node_id: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[TaskRecord]:
+        """Tasks newest first, optionally filtered."""
+
+    @abc.abstractmethod
+    def cancel_task(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
+        """Compare-and-set an active task (pending/assigned/running) to ``cancelled``.
+
+        :class:`NotFound` when missing (or not ``owner``'s); :class:`Conflict` when the task
+        already finished.
+        """
+
+    @abc.abstractmethod
+    def claim_next_task(
+        self, node_id: str, *, cpu_cores: int, memory_gb: float
+    ) -> TaskRecord | None:
+        """Atomically assign the oldest pending task that fits the node's resources.
+
+        The task becomes ``assigned`` to ``node_id``, ``attempts`` goes up by one and
+        ``lease_expires_at`` = now + ``timeout_seconds``. Concurrent callers (threads,
+        processes, server instances) never receive the same task. ``None`` when nothing
+        fits.
+        """
+
+    @abc.abstractmethod
+    def update_task_progress(self, task_id: str, node_id: str, progress: float) -> TaskRecord:
+        """Record progress (0.0-1.0) from the assigned node; an ``assigned`` task becomes
+        ``running`` (``started_at`` set once).
+
+        :class:`NotFound` when missing; :class:`Conflict` when the task is not active or
+        ``node_id`` is not the node it is assigned to.
+        """
+
+    @abc.abstractmethod
+    def complete_task(self, task_id: str, node_id: str, result: bytes) -> TaskRecord:
+        """Store ``result`` and mark the task ``completed`` (progress 1.0). Errors as for
+        :meth:`update_task_progress`."""
+
+    @abc.abstractmethod
+    def fail_task(
+        self, task_id: str, node_id: str, error: str, *, retry: bool = True
+    ) -> TaskRecord:
+        """Record ``error``. With ``retry`` and attempts left the task returns to ``pending``
+        (unassigned), otherwise it becomes ``failed``. Errors as for
+        :meth:`update_task_progress`."""
+
+    @abc.abstractmethod
+    def requeue_tasks_of_nodes(self, node_ids: Iterable[str]) -> list[str]:
+        """Take the active tasks away from lost nodes: back to ``pending`` when attempts
+        remain, else ``failed``. Returns the ids of the tasks touched."""
+
+    @abc.abstractmethod
+    def requeue_expired_tasks(self, now: datetime | None = None) -> list[str]:
+        """As :meth:`requeue_tasks_of_nodes`, for assigned/running tasks whose lease
+        expired before ``now`` (default: the store clock)."""
+
+    @abc.abstractmethod
+    def delete_finished_tasks_before(
+        self,
+        cutoff: datetime,
+        statuses: Iterable[str] = TASK_TERMINAL_STATUSES,
+    ) -> int:
+        """Delete tasks in ``statuses`` (terminal only) that finished before ``cutoff``."""
+
+    # -- api keys ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_api_key(
+        self,
+        *,
+        owner: str,
+        lookup_id: str,
+        secret_hash: str,
+        name: str,
+        scopes: Iterable[str],
+        expires_at: datetime | None = None,
+    ) -> ApiKeyRecord:
+        """Store a key's public lookup id and secret hash (never the secret).
+
+        :class:`AlreadyExists` for a reused ``lookup_id``; :class:`NotFound` for an unknown
+        owner; :class:`InvalidArgument` for a scope outside :data:`ROLES`.
+        """
+
+    @abc.abstractmethod
+    def get_api_key_by_lookup_id(self, lookup_id: str) -> ApiKeyRecord:
+        """The key with ``lookup_id``, revoked or expired ones included (the caller
+        decides); :class:`NotFound` otherwise."""
+
+    @abc.abstractmethod
+    def list_api_keys(self, owner: str) -> list[ApiKeyRecord]:
+        """All of ``owner``'s keys, oldest first, revoked ones included."""
+
+    @abc.abstractmethod
+    def revoke_api_key(self, lookup_id: str, *, owner: str | None = None) -> ApiKeyRecord:
+        """Set ``revoked_at`` (idempotent: the first revocation time is kept)."""
+
+    @abc.abstractmethod
+    def touch_api_key_last_used(self, lookup_id: str, at: datetime | None = None) -> None:
+        """Move ``last_used_at`` forward to ``at`` (never backwards); unknown ids ignored."""
+
+    # -- refresh sessions --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_session(
+        self, *, session_id: str, owner: str, token_hash: str, expires_at: datetime
+    ) -> SessionRecord:
+        """Start a refresh-token family at generation 0. :class:`AlreadyExists` for a reused
+        id or token hash."""
+
+    @abc.abstractmethod
+    def get_session(self, session_id: str) -> SessionRecord:
+        """The session ``session_id``; :class:`NotFound` otherwise."""
+
+    @abc.abstractmethod
+    def get_session_by_token_hash(self, token_hash: str) -> SessionRecord:
+        """The session whose *current* token hash is ``token_hash``; :class:`NotFound`
+        otherwise (a rotated-away hash is not found)."""
+
+    @abc.abstractmethod
+    def rotate_session(
+        self,
+        session_id: str,
+        *,
+        old_token_hash: str,
+        new_token_hash: str,
+        expires_at: datetime | None = None,
+    ) -> SessionRecord:
+        """Compare-and-set the token hash: succeeds only while ``old_token_hash`` is current
+        and the session is neither revoked nor expired; bumps ``generation``.
+
+        :class:`Conflict` otherwise (a stale hash means token reuse: the caller should revoke
+        the family); :class:`NotFound` for an unknown id.
+        """
+
+    @abc.abstractmethod
+    def revoke_session(self, session_id: str, *, reason: str) -> SessionRecord:
+        """Revoke the family (idempotent: the first time and reason are kept)."""
+
+    @abc.abstractmethod
+    def revoke_sessions_of_user(
+        self, owner: str, *, reason: str, except_session_id: str | None = None
+    ) -> list[str]:
+        """Revoke every live session of ``owner`` but ``except_session_id``; returns the ids
+        revoked now."""
+
+    @abc.abstractmethod
+    def delete_sessions_expired_before(self, cutoff: datetime) -> int:
+        """Delete sessions that expired before ``cutoff`` (retention)."""
+
+    # -- audit -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def append_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Append a batch of entries in one transaction (their ``id`` is ignored)."""
+
+    @abc.abstractmethod
+    def list_audit(
+        self,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        principal: str | None = None,
+        username: str | None = None,
+        method: str | None = None,
+        outcome: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Page[AuditEntry]:
+        """Entries newest first; ``since`` inclusive, ``until`` exclusive."""
+
+    @abc.abstractmethod
+    def delete_audit_before(self, cutoff: datetime) -> int:
+        """Delete entries older than ``cutoff`` (retention)."""
+
+    # -- operations --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Return when the database answers; :class:`StoreUnavailable` otherwise."""
+
+    @abc.abstractmethod
+    def backup(self, path: Path) -> None:
+        """Write a consistent online copy of a live database to ``path`` (mode 0600),
+        replacing it atomically. Backends that cannot raise :class:`NotImplementedError`."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections. The store must not be used afterwards."""

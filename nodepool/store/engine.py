@@ -1,0 +1,92 @@
+"""Engines for the two supported dialects, configured the way the store relies on."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+
+__all__ = ["WRITE", "create_engine_for", "normalize_url"]
+
+# Execution option: the transaction will write. On SQLite it then starts with
+# BEGIN IMMEDIATE, taking the write lock up front; a deferred transaction that reads and
+# then writes fails at once with SQLITE_BUSY when another writer committed meanwhile,
+# and busy_timeout does not help there.
+WRITE = "nodepool_write"
+
+_SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def normalize_url(url: str) -> str:
+    """Map ``postgres://`` and ``postgresql://`` to the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def create_engine_for(url: str) -> Engine:
+    """An engine for a ``sqlite:///`` or ``postgresql://`` URL."""
+    sa_url = make_url(normalize_url(url))
+    if sa_url.get_backend_name() == "sqlite":
+        return _sqlite_engine(sa_url.database)
+    if sa_url.get_backend_name() == "postgresql":
+        return create_engine(sa_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    raise ValueError("unsupported database URL: expected sqlite:/// or postgresql://")
+
+
+def _sqlite_engine(database: str | None) -> Engine:
+    in_memory = not database or database == ":memory:"
+    if in_memory:
+        # One shared connection, or every checkout would see a different empty database.
+        engine = create_engine(
+            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    else:
+        assert database is not None
+        path = Path(database).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private_file(path)
+        engine = create_engine(
+            f"sqlite:///{path}",
+            connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+    event.listen(engine, "connect", _on_sqlite_connect)
+    event.listen(engine, "begin", _on_sqlite_begin)
+    return engine
+
+
+def _create_private_file(path: Path) -> None:
+    # Created here with 0600 before SQLite opens it; SQLite gives -wal and -shm the
+    # database file's permissions.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _on_sqlite_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    assert isinstance(dbapi_connection, sqlite3.Connection)
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit BEGIN
+    # would be DEFERRED and skip our choice).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _on_sqlite_begin(connection: Connection) -> None:
+    options: dict[str, Any] = dict(connection.get_execution_options())
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE) else "BEGIN")

@@ -1,0 +1,1 @@
+"""Alembic migrations for the Node Pool database (run by ``nodepool.store.migrate``)."""
