@@ -24,6 +24,7 @@ from pki.errors import (
     StoreError,
 )
 from pki.identity import CertificateKind, Identity, parse_identity, spiffe_id
+from pki.passphrase import read_ca_passphrase
 from pki.store import (
     CertificateRecord,
     CertificateStatus,
@@ -54,5 +55,6 @@ __all__ = [
     "format_serial",
     "parse_identity",
     "parse_revocation_reason",
+    "read_ca_passphrase",
     "spiffe_id",
 ]

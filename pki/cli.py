@@ -26,15 +26,13 @@ from rich.table import Table
 from pki.authority import DEFAULT_TRUST_DOMAIN, REVOCATION_REASONS, CertificateAuthority
 from pki.errors import InvalidInputError, PkiError
 from pki.identity import CertificateKind
+from pki.passphrase import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV, read_ca_passphrase
 from pki.store import CertificateRecord, CertificateStatus, format_serial
 
 __all__ = ["cli", "main"]
 
 PROG_NAME = "nodepool-pki"
 DIR_ENV = "NODEPOOL_PKI_DIR"
-# Names of environment variables, not secrets.
-PASSPHRASE_ENV = "NODEPOOL_CA_PASSPHRASE"  # noqa: S105
-PASSPHRASE_FILE_ENV = "NODEPOOL_CA_PASSPHRASE_FILE"  # noqa: S105
 DEBUG_ENV = "NODEPOOL_PKI_DEBUG"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -89,28 +87,6 @@ def _directory(value: Path | None) -> Path:
     return Path(from_env)
 
 
-def _read_passphrase(option_file: Path | None) -> bytes | None:
-    file = option_file
-    if file is None and os.environ.get(PASSPHRASE_FILE_ENV):
-        file = Path(os.environ[PASSPHRASE_FILE_ENV])
-    if file is not None:
-        try:
-            data = file.read_bytes()
-        except OSError as exc:
-            raise PkiError(f"cannot read passphrase file {file}: {exc.strerror}") from None
-        # Files made with echo end in a newline that is not part of the passphrase.
-        passphrase = data.removesuffix(b"\n").removesuffix(b"\r")
-        if not passphrase:
-            raise PkiError(f"passphrase file {file} is empty")
-        return passphrase
-    value = os.environ.get(PASSPHRASE_ENV)
-    if value is None:
-        return None
-    if not value:
-        raise PkiError(f"{PASSPHRASE_ENV} is set but empty")
-    return value.encode()
-
-
 def _actor() -> str:
     try:
         return getpass.getuser()
@@ -146,7 +122,7 @@ def cli() -> None:
 def init(directory: Path | None, trust_domain: str, passphrase_file: Path | None) -> None:
     """Create a new CA in --dir."""
     directory = _directory(directory)
-    passphrase = _read_passphrase(passphrase_file)
+    passphrase = read_ca_passphrase(passphrase_file)
     with CertificateAuthority.init(directory, trust_domain, passphrase) as ca:
         fingerprint = ca.certificate.fingerprint(hashes.SHA256()).hex(":").upper()
     click.echo(f"created CA for spiffe://{trust_domain} in {directory}")
@@ -195,7 +171,7 @@ def _issue(
     ip_addresses: Sequence[str] = (),
 ) -> None:
     directory = _directory(directory)
-    passphrase = _read_passphrase(passphrase_file)
+    passphrase = read_ca_passphrase(passphrase_file)
     with CertificateAuthority.open(directory, passphrase) as ca:
         issued = ca.issue(
             kind,
@@ -388,7 +364,7 @@ def _record_json(record: CertificateRecord, now: datetime) -> dict[str, str | No
 def crl(directory: Path | None, out: Path, days: int, passphrase_file: Path | None) -> None:
     """Write a signed CRL of every revoked certificate."""
     directory = _directory(directory)
-    passphrase = _read_passphrase(passphrase_file)
+    passphrase = read_ca_passphrase(passphrase_file)
     with CertificateAuthority.open(directory, passphrase) as ca:
         ca.write_crl(out, lifetime=timedelta(days=days))
     click.echo(f"wrote CRL to {out}")
