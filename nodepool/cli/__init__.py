@@ -1,0 +1,1 @@
+"""The ``nodepool`` command line."""

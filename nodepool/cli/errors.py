@@ -1,0 +1,41 @@
+"""One line per error and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+__all__ = ["CommandError", "run_command"]
+
+USAGE_EXIT = 2
+FAILURE_EXIT = 1
+
+
+class CommandError(click.ClickException):
+    """A failure to report as one line, exit code 1."""
+
+
+def run_command(command: click.Command, args: Sequence[str] | None = None) -> int:
+    """Runs a click command, turning every failure into ``error: ...`` on stderr."""
+    try:
+        result = command.main(args=args, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return FAILURE_EXIT
+    except click.UsageError as exc:
+        click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+        return USAGE_EXIT
+    except click.ClickException as exc:
+        click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

@@ -1,0 +1,121 @@
+"""``nodepool``: run the server and talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nodepool.cli.errors import CommandError, run_command
+from nodepool.client import ClientConfigError, secure_channel
+from nodepool.server.app import NodePoolServer, StartupError
+from nodepool.settings import Settings, SettingsError, load_settings
+from nodepool.store import StoreError, migrate
+
+__all__ = ["cli", "main"]
+
+_config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML settings file (NODEPOOL_* environment variables win over it).",
+)
+
+
+def _settings(config_file: Path | None) -> Settings:
+    try:
+        return load_settings(config_file)
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Node Pool: the zero-trust control plane of HiveMind."""
+
+
+@cli.command()
+@_config_option
+def serve(config_file: Path | None) -> None:
+    """Run the gRPC server (mutual TLS only) until SIGTERM or SIGINT."""
+    settings = _settings(config_file)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_serve(settings))
+    except StartupError as exc:
+        raise CommandError(str(exc)) from None
+
+
+async def _serve(settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    # Blocking database work runs here; MAX_WORKERS bounds it as in the original design.
+    loop.set_default_executor(
+        ThreadPoolExecutor(settings.max_workers, thread_name_prefix="nodepool-db")
+    )
+    server = NodePoolServer(settings)
+    await server.start()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    click.echo(f"nodepool: serving on port {server.port}", err=True)
+    await stopping.wait()
+    logging.getLogger("nodepool").info("shutting down (grace %.0f s)", settings.shutdown_grace)
+    await server.stop()
+
+
+@cli.group()
+def db() -> None:
+    """Local database administration (runs on the server host)."""
+
+
+@db.command("migrate")
+@_config_option
+def db_migrate(config_file: Path | None) -> None:
+    """Apply the schema migrations (the server also does this at start)."""
+    settings = _settings(config_file)
+    try:
+        migrate(settings.database_url)
+    except StoreError as exc:
+        raise CommandError(f"database: cannot migrate ({exc})") from None
+    click.echo("database schema is up to date", err=True)
+
+
+@cli.command()
+@click.option("--server", "target", help="HOST:PORT (default NODEPOOL_SERVER or localhost:50051)")
+@click.option("--cert", type=click.Path(dir_okay=False), help="client certificate (NODEPOOL_CERT)")
+@click.option("--key", type=click.Path(dir_okay=False), help="client key (NODEPOOL_KEY)")
+@click.option("--ca", type=click.Path(dir_okay=False), help="CA certificate (NODEPOOL_CA)")
+@click.option("--timeout", type=click.FloatRange(0.1, 300), default=5.0, show_default=True)
+def health(
+    target: str | None, cert: str | None, key: str | None, ca: str | None, timeout: float
+) -> None:
+    """Ask the server whether it is serving (gRPC health check over mTLS)."""
+    try:
+        channel = secure_channel(target, cert=cert, key=key, ca=ca)
+    except ClientConfigError as exc:
+        raise CommandError(str(exc)) from None
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise CommandError(f"{exc.code().name}: {exc.details()}") from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    click.echo(status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise click.exceptions.Exit(1)
+
+
+def main() -> None:
+    sys.exit(run_command(cli))

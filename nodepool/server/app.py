@@ -1,0 +1,162 @@
+"""Assembles and runs the Node Pool gRPC server: mTLS only, every call through the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nodepool.auth.certificates import PeerCertificateCache
+from nodepool.auth.revocation import RevocationList, RevocationSource
+from nodepool.server.methods import HEALTH_SERVICE, METHOD_ACCESS
+from nodepool.server.pipeline import CallPipeline, LoggingAuditor, identity_stage, revocation_stage
+from nodepool.server.tls import TlsFiles, TlsReloader
+from nodepool.servicers import MasterNodeServicer, NodeManagerServicer, UserManagerServicer
+from nodepool.settings import Settings, SettingsError
+from nodepool.store import Store, StoreError, open_store
+from nodepool.v1 import (
+    master_node_pb2,
+    master_node_pb2_grpc,
+    node_manager_pb2,
+    node_manager_pb2_grpc,
+    user_manager_pb2,
+    user_manager_pb2_grpc,
+)
+from pki import CertificateStore, PkiError
+
+__all__ = ["SERVICE_NAMES", "NodePoolServer", "StartupError"]
+
+_log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    node_manager_pb2.DESCRIPTOR.services_by_name["NodeManager"].full_name,
+    user_manager_pb2.DESCRIPTOR.services_by_name["UserManager"].full_name,
+    master_node_pb2.DESCRIPTOR.services_by_name["MasterNodeService"].full_name,
+)
+
+# Revocations are polled this often; with the staleness bound below, a revoked
+# certificate is refused within about a quarter second, and an unreadable store
+# makes every call fail closed after five seconds.
+_REVOCATION_POLL_SECONDS = 0.25
+_REVOCATION_MAX_STALENESS = 5.0
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message is one line for the operator."""
+
+
+class NodePoolServer:
+    def __init__(
+        self, settings: Settings, *, revocation_source: RevocationSource | None = None
+    ) -> None:
+        self.settings = settings
+        self._revocation_source = revocation_source
+        self._server: grpc.aio.Server | None = None
+        self._store: Store | None = None
+        # grpc_health exports its asyncio servicer as health.aio; the stubs predate it.
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+
+    async def start(self) -> int:
+        """Starts serving and returns the bound port. Raises :class:`StartupError`."""
+        settings = self.settings
+        try:
+            tls = TlsReloader(TlsFiles(*settings.tls_paths()))
+        except (SettingsError, ValueError) as exc:
+            raise StartupError(str(exc)) from None
+        revocations = RevocationList(
+            self._revocation_source or self._open_revocation_source(),
+            max_staleness=_REVOCATION_MAX_STALENESS,
+        )
+        try:
+            await asyncio.to_thread(revocations.refresh)
+        except Exception as exc:
+            raise StartupError("cannot read the certificate revocation records") from exc
+        try:
+            self._store = await asyncio.to_thread(open_store, settings.database_url)
+        except StoreError as exc:
+            raise StartupError(f"database: cannot open ({exc})") from None
+
+        pipeline = CallPipeline(
+            METHOD_ACCESS,
+            stages=[
+                identity_stage(PeerCertificateCache(settings.trust_domain)),
+                revocation_stage(revocations),
+            ],
+            auditor=LoggingAuditor(),
+        )
+        server = grpc.aio.server(
+            interceptors=[pipeline],
+            options=[
+                # Without this a second server could bind the same port and split traffic.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        node_manager_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(), server)
+        user_manager_pb2_grpc.add_UserManagerServicer_to_server(UserManagerServicer(), server)
+        master_node_pb2_grpc.add_MasterNodeServiceServicer_to_server(MasterNodeServicer(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, HEALTH_SERVICE), server)
+
+        try:
+            port = server.add_secure_port(settings.bind_address, tls.credentials())
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            await self._close_store()
+            raise StartupError(f"NODEPOOL_GRPC_PORT: cannot listen on {settings.bind_address}")
+        await server.start()
+        self._server, self.port = server, port
+        for service in ("", *SERVICE_NAMES):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._spawn(revocations.keep_fresh(_REVOCATION_POLL_SECONDS))
+        self._spawn(tls.watch(settings.tls_reload_interval))
+        _log.info("Node Pool serving mTLS on %s (port %d)", settings.bind_address, port)
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets in-flight calls finish within ``grace``, closes storage."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self._close_store()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    def _open_revocation_source(self) -> RevocationSource:
+        if self.settings.pki_dir is None:
+            raise StartupError(
+                "NODEPOOL_PKI_DIR: not set (the server reads certificate revocations "
+                "from the CA directory)"
+            )
+        try:
+            return CertificateStore.open(self.settings.pki_dir)
+        except PkiError:
+            raise StartupError("NODEPOOL_PKI_DIR: no readable CA records there") from None
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.create_task(work))
+
+    async def _close_store(self) -> None:
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+            self._store = None

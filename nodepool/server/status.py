@@ -1,0 +1,52 @@
+"""The boundary between domain errors and gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+
+from nodepool import errors
+
+__all__ = ["INTERNAL_MESSAGE", "STATUS_BY_ERROR", "status_for", "translate_errors"]
+
+_log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error"
+
+STATUS_BY_ERROR: dict[type[errors.NodePoolError], grpc.StatusCode] = {
+    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(error: errors.NodePoolError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        code = STATUS_BY_ERROR.get(kind)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@asynccontextmanager
+async def translate_errors(
+    context: grpc.aio.ServicerContext[object, object],
+) -> AsyncIterator[None]:
+    """Turn domain errors into their status; anything unexpected into a bare INTERNAL."""
+    try:
+        yield
+    except errors.NodePoolError as error:
+        await context.abort(status_for(error), error.public_message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        _log.exception("unexpected error in %s", "servicer")
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
