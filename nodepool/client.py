@@ -25,6 +25,7 @@ __all__ = [
     "ClientConfigError",
     "ClientCredentials",
     "aio_secure_channel",
+    "credential_paths",
     "secure_channel",
 ]
 
@@ -58,21 +59,15 @@ class ClientCredentials:
         environ: Mapping[str, str] | None = None,
     ) -> ClientCredentials:
         env = os.environ if environ is None else environ
-
-        def read(value: str | Path | None, variable: str, what: str) -> bytes:
-            path = value or env.get(variable)
-            if not path:
-                raise ClientConfigError(f"{what}: not given (use --{what} or {variable})")
-            try:
-                return Path(path).expanduser().read_bytes()
-            except OSError as exc:
-                raise ClientConfigError(f"{what}: cannot read {path} ({exc.strerror})") from None
-
+        paths = credential_paths(cert=cert, key=key, ca=ca, environ=env)
+        cert_pem, key_pem, ca_pem = (
+            _read(path, what) for path, what in zip(paths, _WHAT, strict=True)
+        )
         return cls(
             target=target or env.get("NODEPOOL_SERVER") or DEFAULT_SERVER,
-            cert_pem=read(cert, "NODEPOOL_CERT", "cert"),
-            key_pem=read(key, "NODEPOOL_KEY", "key"),
-            ca_pem=read(ca, "NODEPOOL_CA", "ca"),
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            ca_pem=ca_pem,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
@@ -81,6 +76,35 @@ class ClientCredentials:
             private_key=self.key_pem,
             certificate_chain=self.cert_pem,
         )
+
+
+_WHAT = ("cert", "key", "ca")
+
+
+def credential_paths(
+    *,
+    cert: str | Path | None = None,
+    key: str | Path | None = None,
+    ca: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Path, Path, Path]:
+    """The certificate, key and CA paths, each from its argument or NODEPOOL_* variable."""
+    env = os.environ if environ is None else environ
+    paths = []
+    for value, what in zip((cert, key, ca), _WHAT, strict=True):
+        variable = f"NODEPOOL_{what.upper()}"
+        path = value or env.get(variable)
+        if not path:
+            raise ClientConfigError(f"{what}: not given (use --{what} or {variable})")
+        paths.append(Path(path).expanduser())
+    return paths[0], paths[1], paths[2]
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ClientConfigError(f"{what}: cannot read {path} ({exc.strerror})") from None
 
 
 def secure_channel(

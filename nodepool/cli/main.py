@@ -6,20 +6,26 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodepool.cli.errors import CommandError, run_command
-from nodepool.client import ClientConfigError, secure_channel
+from nodepool.client import ClientConfigError, credential_paths, secure_channel
+from nodepool.renewal import CertificateFiles, RenewalError, renew_certificate, renewal_due_at
 from nodepool.server.app import NodePoolServer, StartupError
 from nodepool.settings import Settings, SettingsError, load_settings
 from nodepool.store import StoreError, migrate
 
 __all__ = ["cli", "main"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _config_option = click.option(
     "--config",
@@ -91,11 +97,24 @@ def db_migrate(config_file: Path | None) -> None:
     click.echo("database schema is up to date", err=True)
 
 
+def _client_options(function: _F) -> _F:
+    """--server, --cert, --key and --ca, each defaulting to its NODEPOOL_* variable."""
+    for option in reversed(
+        (
+            click.option(
+                "--server", "target", help="HOST:PORT [NODEPOOL_SERVER, or localhost:50051]"
+            ),
+            click.option("--cert", type=click.Path(dir_okay=False), help="[NODEPOOL_CERT]"),
+            click.option("--key", type=click.Path(dir_okay=False), help="[NODEPOOL_KEY]"),
+            click.option("--ca", type=click.Path(dir_okay=False), help="[NODEPOOL_CA]"),
+        )
+    ):
+        function = option(function)
+    return function
+
+
 @cli.command()
-@click.option("--server", "target", help="HOST:PORT (default NODEPOOL_SERVER or localhost:50051)")
-@click.option("--cert", type=click.Path(dir_okay=False), help="client certificate (NODEPOOL_CERT)")
-@click.option("--key", type=click.Path(dir_okay=False), help="client key (NODEPOOL_KEY)")
-@click.option("--ca", type=click.Path(dir_okay=False), help="CA certificate (NODEPOOL_CA)")
+@_client_options
 @click.option("--timeout", type=click.FloatRange(0.1, 300), default=5.0, show_default=True)
 def health(
     target: str | None, cert: str | None, key: str | None, ca: str | None, timeout: float
@@ -115,6 +134,34 @@ def health(
     click.echo(status)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise click.exceptions.Exit(1)
+
+
+@cli.group()
+def cert() -> None:
+    """This machine's own certificate."""
+
+
+@cert.command("renew")
+@_client_options
+@click.option(
+    "--if-due", is_flag=True, help="Renew only once two thirds of the lifetime have passed."
+)
+def cert_renew(
+    target: str | None, cert: str | None, key: str | None, ca: str | None, if_due: bool
+) -> None:
+    """Renew the certificate with a new key made here; the files are replaced in place."""
+    try:
+        files = CertificateFiles(*credential_paths(cert=cert, key=key, ca=ca))
+    except ClientConfigError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        if if_due and datetime.now(UTC) < renewal_due_at(files.load()):
+            click.echo("not due yet", err=True)
+            return
+        renewed = renew_certificate(files, target)
+    except (ClientConfigError, RenewalError) as exc:
+        raise CommandError(str(exc)) from None
+    click.echo(f"renewed; valid until {renewed.not_valid_after_utc.isoformat()}")
 
 
 def main() -> None:

@@ -14,13 +14,21 @@ from grpc_reflection.v1alpha import reflection
 
 from nodepool.auth.certificates import PeerCertificateCache
 from nodepool.auth.revocation import RevocationList, RevocationSource
+from nodepool.domain.certificates import CertificateRenewal
 from nodepool.server.methods import HEALTH_SERVICE, METHOD_ACCESS
 from nodepool.server.pipeline import CallPipeline, LoggingAuditor, identity_stage, revocation_stage
 from nodepool.server.tls import TlsFiles, TlsReloader
-from nodepool.servicers import MasterNodeServicer, NodeManagerServicer, UserManagerServicer
+from nodepool.servicers import (
+    CertificateServicer,
+    MasterNodeServicer,
+    NodeManagerServicer,
+    UserManagerServicer,
+)
 from nodepool.settings import Settings, SettingsError
 from nodepool.store import Store, StoreError, open_store
 from nodepool.v1 import (
+    certificates_pb2,
+    certificates_pb2_grpc,
     master_node_pb2,
     master_node_pb2_grpc,
     node_manager_pb2,
@@ -28,7 +36,7 @@ from nodepool.v1 import (
     user_manager_pb2,
     user_manager_pb2_grpc,
 )
-from pki import CertificateStore, PkiError
+from pki import CertificateAuthority, CertificateStore, PkiError, read_ca_passphrase
 
 __all__ = ["SERVICE_NAMES", "NodePoolServer", "StartupError"]
 
@@ -38,6 +46,7 @@ SERVICE_NAMES = (
     node_manager_pb2.DESCRIPTOR.services_by_name["NodeManager"].full_name,
     user_manager_pb2.DESCRIPTOR.services_by_name["UserManager"].full_name,
     master_node_pb2.DESCRIPTOR.services_by_name["MasterNodeService"].full_name,
+    certificates_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
 )
 
 # Revocations are polled this often; with the staleness bound below, a revoked
@@ -59,6 +68,7 @@ class NodePoolServer:
         self._revocation_source = revocation_source
         self._server: grpc.aio.Server | None = None
         self._store: Store | None = None
+        self._authority: CertificateAuthority | None = None
         # grpc_health exports its asyncio servicer as health.aio; the stubs predate it.
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._tasks: list[asyncio.Task[None]] = []
@@ -71,8 +81,10 @@ class NodePoolServer:
             tls = TlsReloader(TlsFiles(*settings.tls_paths()))
         except (SettingsError, ValueError) as exc:
             raise StartupError(str(exc)) from None
+        authority = await asyncio.to_thread(self._open_authority)
+        self._authority = authority
         revocations = RevocationList(
-            self._revocation_source or self._open_revocation_source(),
+            self._revocation_source or authority.store,
             max_staleness=_REVOCATION_MAX_STALENESS,
         )
         try:
@@ -105,6 +117,9 @@ class NodePoolServer:
         node_manager_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(), server)
         user_manager_pb2_grpc.add_UserManagerServicer_to_server(UserManagerServicer(), server)
         master_node_pb2_grpc.add_MasterNodeServiceServicer_to_server(MasterNodeServicer(), server)
+        certificates_pb2_grpc.add_CertificateServiceServicer_to_server(
+            CertificateServicer(CertificateRenewal(authority)), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, HEALTH_SERVICE), server)
 
@@ -137,21 +152,41 @@ class NodePoolServer:
                 await task
         self._tasks.clear()
         await self._close_store()
+        if self._authority is not None:
+            await asyncio.to_thread(self._authority.close)
+            self._authority = None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
 
-    def _open_revocation_source(self) -> RevocationSource:
-        if self.settings.pki_dir is None:
+    def _open_authority(self) -> CertificateAuthority:
+        """The CA: its records give revocations, and its key (if unlocked) signs renewals."""
+        pki_dir = self.settings.pki_dir
+        if pki_dir is None:
             raise StartupError(
                 "NODEPOOL_PKI_DIR: not set (the server reads certificate revocations "
                 "from the CA directory)"
             )
         try:
-            return CertificateStore.open(self.settings.pki_dir)
-        except PkiError:
-            raise StartupError("NODEPOOL_PKI_DIR: no readable CA records there") from None
+            passphrase = read_ca_passphrase()
+        except PkiError as exc:
+            raise StartupError(str(exc)) from None
+        store: CertificateStore | None = None
+        try:
+            store = CertificateStore.open(pki_dir)
+            authority = CertificateAuthority.open(pki_dir, passphrase, store=store)
+        except PkiError as exc:
+            if store is not None:
+                store.close()
+            raise StartupError(f"NODEPOOL_PKI_DIR: {exc}") from None
+        if authority.trust_domain != self.settings.trust_domain:
+            authority.close()
+            raise StartupError(
+                f"NODEPOOL_TRUST_DOMAIN: {self.settings.trust_domain!r} is not the CA's "
+                f"trust domain {authority.trust_domain!r}"
+            )
+        return authority
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.create_task(work))

@@ -30,6 +30,7 @@ class Access(enum.StrEnum):
 _NODE = "/nodepool.v1.NodeManager/"
 _USER = "/nodepool.v1.UserManager/"
 _MASTER = "/nodepool.v1.MasterNodeService/"
+_CERTIFICATES = "/nodepool.v1.CertificateService/"
 
 METHOD_ACCESS: Mapping[str, Access] = MappingProxyType(
     {
@@ -44,6 +45,8 @@ METHOD_ACCESS: Mapping[str, Access] = MappingProxyType(
         _MASTER + "SubmitTask": Access.USER,
         _MASTER + "GetTaskStatus": Access.USER,
         _MASTER + "CancelTask": Access.USER,
+        # Renewal is proven by the certificate being renewed; nothing else is needed.
+        _CERTIFICATES + "RenewCertificate": Access.DEVICE,
         f"/{HEALTH_SERVICE}/Check": Access.DEVICE,
         f"/{HEALTH_SERVICE}/Watch": Access.DEVICE,
         f"/{HEALTH_SERVICE}/List": Access.DEVICE,

@@ -5,7 +5,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from nodepool.server.app import SERVICE_NAMES
 from nodepool.server.methods import HEALTH_SERVICE, METHOD_ACCESS, REFLECTION_SERVICES
-from nodepool.v1 import master_node_pb2, node_manager_pb2, user_manager_pb2
+from nodepool.v1 import certificates_pb2, master_node_pb2, node_manager_pb2, user_manager_pb2
 
 
 def _methods_of(file_descriptor: object) -> set[str]:
@@ -21,6 +21,7 @@ def test_table_equals_the_registered_methods() -> None:
         _methods_of(node_manager_pb2.DESCRIPTOR)
         | _methods_of(user_manager_pb2.DESCRIPTOR)
         | _methods_of(master_node_pb2.DESCRIPTOR)
+        | _methods_of(certificates_pb2.DESCRIPTOR)
         | _methods_of(health_pb2.DESCRIPTOR)
         | _methods_of(reflection_pb2.DESCRIPTOR)
     )
@@ -32,6 +33,7 @@ def test_service_names_match_the_protocol() -> None:
         "nodepool.v1.NodeManager",
         "nodepool.v1.UserManager",
         "nodepool.v1.MasterNodeService",
+        "nodepool.v1.CertificateService",
     )
     assert health_pb2.DESCRIPTOR.services_by_name["Health"].full_name == HEALTH_SERVICE
     assert reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name in (

@@ -1,0 +1,1 @@
+"""The domain layer: plain Python rules over the store, no gRPC and no protobuf."""
