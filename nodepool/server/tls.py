@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +32,13 @@ class TlsFiles:
     key: Path
     ca: Path
 
-    def stamp(self) -> tuple[tuple[int, int], ...]:
+    def stamp(self) -> tuple[tuple[int, int, int, int], ...]:
         """Changes whenever any of the files is replaced or rewritten."""
         stamps = []
         for path in (self.cert, self.key, self.ca):
             info = path.stat()
-            stamps.append((info.st_mtime_ns, info.st_size))
+            # The inode and ctime catch a same-size replacement that kept its mtime.
+            stamps.append((info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size))
         return tuple(stamps)
 
 
@@ -79,7 +81,11 @@ class TlsReloader:
         self._files = files
         self._material = TlsMaterial.load(files)
         self._stamp = files.stamp()
+        self._rejected_stamp: object = None
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        # gRPC takes the pending configuration on its handshake threads while the watcher
+        # sets it on another; without the lock a rotation could be lost in between.
+        self._lock = threading.Lock()
 
     @property
     def material(self) -> TlsMaterial:
@@ -96,7 +102,8 @@ class TlsReloader:
 
     def _take_pending(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC core for each new handshake; must stay cheap and never raise.
-        pending, self._pending = self._pending, None
+        with self._lock:
+            pending, self._pending = self._pending, None
         return pending
 
     def reload_if_changed(self) -> bool:
@@ -110,13 +117,17 @@ class TlsReloader:
         try:
             material = TlsMaterial.load(self._files)
         except TlsError as exc:
-            _log.warning("server TLS files changed but were not loaded: %s", exc)
+            # Retried every tick until the pair is whole; said once per version of the files.
+            if stamp != self._rejected_stamp:
+                _log.warning("server TLS files changed but were not loaded: %s", exc)
+                self._rejected_stamp = stamp
             return False
         self._stamp = stamp
         if material == self._material:
             return False
-        self._material = material
-        self._pending = material.server_configuration()
+        with self._lock:
+            self._material = material
+            self._pending = material.server_configuration()
         _log.info("server TLS certificate reloaded for new connections")
         return True
 
