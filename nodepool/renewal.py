@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,14 +126,25 @@ def _install(
     return renewed
 
 
-def renew_certificate(files: CertificateFiles, target: str | None = None) -> x509.Certificate:
-    """Renews the certificate in ``files`` now and replaces the files; returns the new one."""
+def renew_certificate(
+    files: CertificateFiles,
+    target: str | None = None,
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> x509.Certificate:
+    """Renews the certificate in ``files`` now and replaces the files; returns the new one.
+
+    A node's certificate is its whole credential; a client certificate renews together
+    with its user's credential, passed as ``metadata``.
+    """
     key, current, csr = _prepare(files)
     with secure_channel(target, cert=files.cert, key=files.key, ca=files.ca) as channel:
         stub = certificates_pb2_grpc.CertificateServiceStub(channel)
         try:
             reply = stub.RenewCertificate(
-                certificates_pb2.RenewCertificateRequest(csr_pem=csr), timeout=30
+                certificates_pb2.RenewCertificateRequest(csr_pem=csr),
+                timeout=30,
+                metadata=tuple(metadata),
             )
         except grpc.RpcError as exc:
             raise RenewalError(_describe(exc)) from None

@@ -111,6 +111,13 @@ def _parse_trust_domain(name: str, raw: object) -> str:
     return domain
 
 
+def _parse_jwt_algorithm(name: str, raw: object) -> str:
+    value = _parse_str(name, raw)
+    if value not in {"EdDSA", "ES256"}:
+        raise SettingsError(f"{name}: must be EdDSA or ES256")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every server and worker setting, validated.
@@ -139,6 +146,26 @@ class Settings:
     # certificate is served to new connections without a restart.
     tls_reload_interval: float = field(default=5.0, metadata={"parse": _parse_float(0.1, 3600)})
     shutdown_grace: float = field(default=10.0, metadata={"parse": _parse_float(0, 600)})
+    # Keys for several instances must be shared: the same files in each instance's dir.
+    jwt_key_dir: Path | None = field(default=None, metadata={"parse": _parse_optional_path})
+    jwt_algorithm: str = field(default="EdDSA", metadata={"parse": _parse_jwt_algorithm})
+    token_issuer: str = field(default="nodepool", metadata={"parse": _parse_str})
+    token_audience: str = field(default="nodepool", metadata={"parse": _parse_str})
+    access_token_ttl: int = field(default=600, metadata={"parse": _parse_int(30, 86400)})
+    refresh_token_ttl: int = field(
+        default=30 * 86400, metadata={"parse": _parse_int(300, 365 * 86400)}
+    )
+    login_max_failures: int = field(default=5, metadata={"parse": _parse_int(1, 1000)})
+    login_lockout_seconds: int = field(default=900, metadata={"parse": _parse_int(1, 86400)})
+    # argon2id cost; the defaults are RFC 9106's second recommended profile.
+    password_hash_time_cost: int = field(default=3, metadata={"parse": _parse_int(1, 100)})
+    password_hash_memory_kib: int = field(
+        default=65536, metadata={"parse": _parse_int(8, 4 * 1024 * 1024)}
+    )
+    policy_dir: Path | None = field(default=None, metadata={"parse": _parse_optional_path})
+    # Prefix of every cache key and channel, so instances of different pools can share
+    # one Redis without seeing each other.
+    cache_namespace: str = field(default="nodepool", metadata={"parse": _parse_str})
     log_level: str = field(default="INFO", metadata={"parse": _parse_log_level})
 
     def __post_init__(self) -> None:
@@ -149,6 +176,10 @@ class Settings:
             raise SettingsError(
                 "NODEPOOL_NODE_TIMEOUT: must be longer than NODEPOOL_NODE_HEARTBEAT_INTERVAL"
             )
+
+    @property
+    def jwt_keys(self) -> Path:
+        return self.jwt_key_dir or self.data_dir / "jwt-keys"
 
     @property
     def is_sqlite(self) -> bool:

@@ -14,8 +14,11 @@ from typing import Any, TypeVar
 
 import click
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nodepool.cli.accounts import apikey, audit, user
+from nodepool.cli.connection import client_options, connect
 from nodepool.cli.errors import CommandError, run_command
 from nodepool.client import ClientConfigError, credential_paths, secure_channel
 from nodepool.renewal import CertificateFiles, RenewalError, renew_certificate, renewal_due_at
@@ -97,31 +100,15 @@ def db_migrate(config_file: Path | None) -> None:
     click.echo("database schema is up to date", err=True)
 
 
-def _client_options(function: _F) -> _F:
-    """--server, --cert, --key and --ca, each defaulting to its NODEPOOL_* variable."""
-    for option in reversed(
-        (
-            click.option(
-                "--server", "target", help="HOST:PORT [NODEPOOL_SERVER, or localhost:50051]"
-            ),
-            click.option("--cert", type=click.Path(dir_okay=False), help="[NODEPOOL_CERT]"),
-            click.option("--key", type=click.Path(dir_okay=False), help="[NODEPOOL_KEY]"),
-            click.option("--ca", type=click.Path(dir_okay=False), help="[NODEPOOL_CA]"),
-        )
-    ):
-        function = option(function)
-    return function
-
-
 @cli.command()
-@_client_options
+@client_options
 @click.option("--timeout", type=click.FloatRange(0.1, 300), default=5.0, show_default=True)
 def health(
-    target: str | None, cert: str | None, key: str | None, ca: str | None, timeout: float
+    server: str | None, cert: str | None, key: str | None, ca: str | None, timeout: float
 ) -> None:
     """Ask the server whether it is serving (gRPC health check over mTLS)."""
     try:
-        channel = secure_channel(target, cert=cert, key=key, ca=ca)
+        channel = secure_channel(server, cert=cert, key=key, ca=ca)
     except ClientConfigError as exc:
         raise CommandError(str(exc)) from None
     with channel:
@@ -142,12 +129,12 @@ def cert() -> None:
 
 
 @cert.command("renew")
-@_client_options
+@client_options
 @click.option(
     "--if-due", is_flag=True, help="Renew only once two thirds of the lifetime have passed."
 )
 def cert_renew(
-    target: str | None, cert: str | None, key: str | None, ca: str | None, if_due: bool
+    server: str | None, cert: str | None, key: str | None, ca: str | None, if_due: bool
 ) -> None:
     """Renew the certificate with a new key made here; the files are replaced in place."""
     try:
@@ -158,10 +145,25 @@ def cert_renew(
         if if_due and datetime.now(UTC) < renewal_due_at(files.load()):
             click.echo("not due yet", err=True)
             return
-        renewed = renew_certificate(files, target)
+        renewed = renew_certificate(files, server, metadata=_renewal_credential(files, server))
     except (ClientConfigError, RenewalError) as exc:
         raise CommandError(str(exc)) from None
     click.echo(f"renewed; valid until {renewed.not_valid_after_utc.isoformat()}")
+
+
+def _renewal_credential(files: CertificateFiles, server: str | None) -> tuple[tuple[str, str], ...]:
+    """A client certificate renews with its user's credential; a node's needs none."""
+    identity = files.load().extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    uris = identity.value.get_values_for_type(x509.UniformResourceIdentifier)
+    if any("/node/" in uri for uri in uris):
+        return ()
+    with connect(server, str(files.cert), str(files.key), str(files.ca)) as conn:
+        return conn.credential_metadata()
+
+
+cli.add_command(user)
+cli.add_command(apikey)
+cli.add_command(audit)
 
 
 def main() -> None:

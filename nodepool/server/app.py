@@ -5,28 +5,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nodepool.auth.authorization import Authorizer, default_policy_dir
 from nodepool.auth.certificates import PeerCertificateCache
 from nodepool.auth.revocation import RevocationList, RevocationSource
+from nodepool.auth.tokens import SigningKeyError, SigningKeys
+from nodepool.cache import Cache, CacheUnavailable, create_cache
+from nodepool.domain.audit import AuditLog
 from nodepool.domain.certificates import CertificateRenewal
-from nodepool.server.methods import HEALTH_SERVICE, METHOD_ACCESS
-from nodepool.server.pipeline import CallPipeline, LoggingAuditor, identity_stage, revocation_stage
+from nodepool.server.audit import AuditTrail
+from nodepool.server.auth import build_auth
+from nodepool.server.methods import HEALTH_SERVICE, METHOD_RULES
+from nodepool.server.pipeline import (
+    CallPipeline,
+    authorization_stage,
+    identity_stage,
+    revocation_stage,
+)
 from nodepool.server.tls import TlsFiles, TlsReloader
 from nodepool.servicers import (
+    AuditServicer,
     CertificateServicer,
     MasterNodeServicer,
     NodeManagerServicer,
     UserManagerServicer,
 )
 from nodepool.settings import Settings, SettingsError
-from nodepool.store import Store, StoreError, open_store
+from nodepool.store import AuditEntry, Store, StoreError, open_store
 from nodepool.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     certificates_pb2,
     certificates_pb2_grpc,
     master_node_pb2,
@@ -47,6 +61,7 @@ SERVICE_NAMES = (
     user_manager_pb2.DESCRIPTOR.services_by_name["UserManager"].full_name,
     master_node_pb2.DESCRIPTOR.services_by_name["MasterNodeService"].full_name,
     certificates_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 
 # Revocations are polled this often; with the staleness bound below, a revoked
@@ -54,6 +69,18 @@ SERVICE_NAMES = (
 # makes every call fail closed after five seconds.
 _REVOCATION_POLL_SECONDS = 0.25
 _REVOCATION_MAX_STALENESS = 5.0
+_AUDIT_FLUSH_SECONDS = 0.5
+_POLICY_RELOAD_SECONDS = 2.0
+_API_KEY_TOUCH_SECONDS = 30.0
+
+
+async def _every(seconds: float, work: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await work()
+        except Exception:
+            _log.exception("background work failed; will retry")
 
 
 class StartupError(RuntimeError):
@@ -69,6 +96,8 @@ class NodePoolServer:
         self._server: grpc.aio.Server | None = None
         self._store: Store | None = None
         self._authority: CertificateAuthority | None = None
+        self._cache: Cache | None = None
+        self._audit: AuditTrail | None = None
         # grpc_health exports its asyncio servicer as health.aio; the stubs predate it.
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._tasks: list[asyncio.Task[None]] = []
@@ -76,6 +105,13 @@ class NodePoolServer:
 
     async def start(self) -> int:
         """Starts serving and returns the bound port. Raises :class:`StartupError`."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _start(self) -> int:
         settings = self.settings
         try:
             tls = TlsReloader(TlsFiles(*settings.tls_paths()))
@@ -92,17 +128,43 @@ class NodePoolServer:
         except Exception as exc:
             raise StartupError("cannot read the certificate revocation records") from exc
         try:
-            self._store = await asyncio.to_thread(open_store, settings.database_url)
+            store = await asyncio.to_thread(open_store, settings.database_url)
         except StoreError as exc:
             raise StartupError(f"database: cannot open ({exc})") from None
+        self._store = store
+        cache = create_cache(settings.redis_url, namespace=settings.cache_namespace)
+        self._cache = cache
+        try:
+            await cache.ping()
+        except CacheUnavailable:
+            raise StartupError("NODEPOOL_REDIS_URL: Redis does not answer") from None
+        try:
+            policy = Authorizer.from_directory(settings.policy_dir or default_policy_dir())
+        except Exception as exc:
+            raise StartupError(f"NODEPOOL_POLICY_DIR: cannot load the policy ({exc})") from None
+        try:
+            keys = await asyncio.to_thread(
+                SigningKeys.load_or_create, settings.jwt_keys, settings.jwt_algorithm
+            )
+        except SigningKeyError as exc:
+            raise StartupError(f"NODEPOOL_JWT_KEY_DIR: {exc}") from None
 
+        auth = build_auth(settings, store, cache, keys)
+
+        async def append_audit(entries: Sequence[AuditEntry]) -> None:
+            await asyncio.to_thread(store.append_audit, entries)
+
+        audit = AuditTrail(append_audit)
+        self._audit = audit
         pipeline = CallPipeline(
-            METHOD_ACCESS,
+            METHOD_RULES,
             stages=[
                 identity_stage(PeerCertificateCache(settings.trust_domain)),
                 revocation_stage(revocations),
+                auth.credentials,
+                authorization_stage(policy),
             ],
-            auditor=LoggingAuditor(),
+            auditor=audit,
         )
         server = grpc.aio.server(
             interceptors=[pipeline],
@@ -115,11 +177,14 @@ class NodePoolServer:
             ],
         )
         node_manager_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(), server)
-        user_manager_pb2_grpc.add_UserManagerServicer_to_server(UserManagerServicer(), server)
+        user_manager_pb2_grpc.add_UserManagerServicer_to_server(
+            UserManagerServicer(auth.accounts), server
+        )
         master_node_pb2_grpc.add_MasterNodeServiceServicer_to_server(MasterNodeServicer(), server)
         certificates_pb2_grpc.add_CertificateServiceServicer_to_server(
             CertificateServicer(CertificateRenewal(authority)), server
         )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(AuditLog(store)), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, HEALTH_SERVICE), server)
 
@@ -128,14 +193,21 @@ class NodePoolServer:
         except RuntimeError:
             port = 0
         if port == 0:
-            await self._close_store()
             raise StartupError(f"NODEPOOL_GRPC_PORT: cannot listen on {settings.bind_address}")
+
+        # Credential caches are filled and subscribed before the first call is taken.
+        events_ready = asyncio.Event()
+        self._spawn(auth.events.run(events_ready))
+        await asyncio.wait_for(events_ready.wait(), timeout=30)
+        self._spawn(revocations.keep_fresh(_REVOCATION_POLL_SECONDS))
+        self._spawn(tls.watch(settings.tls_reload_interval))
+        self._spawn(audit.run(_AUDIT_FLUSH_SECONDS))
+        self._spawn(policy.watch(_POLICY_RELOAD_SECONDS))
+        self._spawn(_every(_API_KEY_TOUCH_SECONDS, auth.api_keys.flush_last_used))
         await server.start()
         self._server, self.port = server, port
         for service in ("", *SERVICE_NAMES):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._spawn(revocations.keep_fresh(_REVOCATION_POLL_SECONDS))
-        self._spawn(tls.watch(settings.tls_reload_interval))
         _log.info("Node Pool serving mTLS on %s (port %d)", settings.bind_address, port)
         return port
 
@@ -145,13 +217,26 @@ class NodePoolServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+            self._server = None
+        await self._release()
+
+    async def _release(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        await self._close_store()
+        if self._audit is not None:
+            with contextlib.suppress(Exception):
+                await self._audit.flush()
+            self._audit = None
+        if self._cache is not None:
+            await self._cache.close()
+            self._cache = None
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+            self._store = None
         if self._authority is not None:
             await asyncio.to_thread(self._authority.close)
             self._authority = None
@@ -190,8 +275,3 @@ class NodePoolServer:
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.create_task(work))
-
-    async def _close_store(self) -> None:
-        if self._store is not None:
-            await asyncio.to_thread(self._store.close)
-            self._store = None

@@ -12,19 +12,28 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
+from nodepool.auth.authorization import Authorizer
 from nodepool.auth.certificates import PeerCertificateCache
-from nodepool.auth.principal import CURRENT_PRINCIPAL, PeerIdentity, PeerKind, Principal
+from nodepool.auth.principal import CURRENT_PRINCIPAL, PeerIdentity, Principal
 from nodepool.auth.revocation import RevocationList
+from nodepool.auth.rules import MethodRule
 from nodepool.errors import NodePoolError, PermissionDeniedError, UnauthenticatedError
-from nodepool.server.methods import Access
 from nodepool.server.status import status_for
 
-__all__ = ["Call", "CallAuditor", "CallPipeline", "Stage", "identity_stage", "revocation_stage"]
+__all__ = [
+    "Call",
+    "CallAuditor",
+    "CallPipeline",
+    "Stage",
+    "authorization_stage",
+    "identity_stage",
+    "revocation_stage",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -44,17 +53,20 @@ class Call:
     """What the stages know about one call; each stage may add to it."""
 
     method: str
-    access: Access
+    rule: MethodRule
     context: _Context
     peer: PeerIdentity | None = None
     principal: Principal | None = None
-    metadata: Mapping[str, str | bytes] = field(default_factory=dict)
 
 
 class Stage(Protocol):
-    """One concern of the pipeline. Raises a domain error to refuse the call."""
+    """One concern of the pipeline. Raises a domain error to refuse the call.
 
-    def __call__(self, call: Call) -> None: ...
+    Settles synchronously and returns None in the common case; returns an awaitable only
+    when it must wait (a cache miss), so the hot path creates no coroutine per stage.
+    """
+
+    def __call__(self, call: Call) -> Awaitable[None] | None: ...
 
 
 class CallAuditor(Protocol):
@@ -74,9 +86,6 @@ def identity_stage(certificates: PeerCertificateCache) -> Stage:
         if peer.not_after <= time.time():
             raise UnauthenticatedError("certificate has expired")
         call.peer = peer
-        if call.access is Access.NODE and peer.kind is not PeerKind.NODE:
-            raise PermissionDeniedError("this method is for worker nodes")
-        call.principal = Principal(peer=peer)
 
     return check_identity
 
@@ -89,30 +98,23 @@ def revocation_stage(revocations: RevocationList) -> Stage:
     return check_revocation
 
 
-class LoggingAuditor:
-    """Logs refusals; the database-backed auditor replaces it once accounts exist."""
+def authorization_stage(authorizer: Authorizer) -> Stage:
+    def check_authorization(call: Call) -> None:
+        assert call.principal is not None
+        if not authorizer.allowed(call.principal.roles, call.method):
+            raise PermissionDeniedError()
 
-    def refused(self, call: Call, error: NodePoolError) -> None:
-        _log.info(
-            "refused %s peer=%s identity=%s code=%s",
-            call.method,
-            call.context.peer(),
-            call.peer.spiffe_id if call.peer else "-",
-            status_for(error).name,
-        )
-
-    def finished(self, call: Call, code: grpc.StatusCode, seconds: float) -> None:
-        return None
+    return check_authorization
 
 
 class CallPipeline(_Interceptor):
     def __init__(
         self,
-        method_access: Mapping[str, Access],
+        method_rules: Mapping[str, MethodRule],
         stages: Sequence[Stage],
         auditor: CallAuditor,
     ) -> None:
-        self._method_access = method_access
+        self._method_rules = method_rules
         self._stages = tuple(stages)
         self._auditor = auditor
 
@@ -122,25 +124,29 @@ class CallPipeline(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> _Handler:
         method = handler_call_details.method
-        access = self._method_access.get(method)
+        rule = self._method_rules.get(method)
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        if access is None:
+        if rule is None:
             return _refusing_handler(handler, PermissionDeniedError("method not allowed"))
-        return self._wrap(handler, method, access)
+        return self._wrap(handler, method, rule)
 
-    def _admit(self, method: str, access: Access, context: _Context) -> Call | NodePoolError:
-        call = Call(method=method, access=access, context=context)
+    async def _admit(
+        self, method: str, rule: MethodRule, context: _Context
+    ) -> Call | NodePoolError:
+        call = Call(method=method, rule=rule, context=context)
         try:
             for stage in self._stages:
-                stage(call)
+                pending = stage(call)
+                if pending is not None:
+                    await pending
         except NodePoolError as error:
             self._auditor.refused(call, error)
             return error
         return call
 
-    def _wrap(self, handler: _Handler, method: str, access: Access) -> _Handler:
+    def _wrap(self, handler: _Handler, method: str, rule: MethodRule) -> _Handler:
         admit = self._admit
         auditor = self._auditor
 
@@ -153,7 +159,7 @@ class CallPipeline(_Interceptor):
 
             async def unary_response(request: Any, context: _Context) -> Any:
                 started = time.perf_counter()
-                call = admit(method, access, context)
+                call = await admit(method, rule, context)
                 if isinstance(call, NodePoolError):
                     await context.abort(status_for(call), call.public_message)
                 token = CURRENT_PRINCIPAL.set(call.principal)  # type: ignore[arg-type]
@@ -169,7 +175,7 @@ class CallPipeline(_Interceptor):
 
         async def stream_response(request: Any, context: _Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            call = admit(method, access, context)
+            call = await admit(method, rule, context)
             if isinstance(call, NodePoolError):
                 await context.abort(status_for(call), call.public_message)
             token = CURRENT_PRINCIPAL.set(call.principal)  # type: ignore[arg-type]

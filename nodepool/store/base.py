@@ -518,6 +518,11 @@ class Store(abc.ABC):
         revoked now."""
 
     @abc.abstractmethod
+    def list_sessions_revoked_since(self, since: datetime) -> list[str]:
+        """Ids of sessions revoked at or after ``since``, oldest first: what every server
+        instance must refuse while access tokens issued before the revocation live."""
+
+    @abc.abstractmethod
     def delete_sessions_expired_before(self, cutoff: datetime) -> int:
         """Delete sessions that expired before ``cutoff`` (retention)."""
 

@@ -1154,6 +1154,15 @@ class SqlStore(Store):
             ).all()
         return sorted(row[0] for row in rows)
 
+    def list_sessions_revoked_since(self, since: datetime) -> list[str]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(RefreshSession.id)
+                .where(RefreshSession.revoked_at >= since)
+                .order_by(RefreshSession.revoked_at, RefreshSession.id)
+            )
+            return [row[0] for row in rows]
+
     def delete_sessions_expired_before(self, cutoff: datetime) -> int:
         with self._write() as conn:
             return conn.execute(

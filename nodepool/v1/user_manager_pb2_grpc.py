@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class UserManagerStub:
-    """UserManager holds accounts and sessions.
+    """UserManager holds accounts, sessions, API keys and roles.
     """
 
     def __init__(self, channel):
@@ -55,10 +55,50 @@ class UserManagerStub:
                 request_serializer=nodepool_dot_v1_dot_user__manager__pb2.GetUserInfoRequest.SerializeToString,
                 response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.GetUserInfoResponse.FromString,
                 _registered_method=True)
+        self.RefreshToken = channel.unary_unary(
+                '/nodepool.v1.UserManager/RefreshToken',
+                request_serializer=nodepool_dot_v1_dot_user__manager__pb2.RefreshTokenRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.LoginUserResponse.FromString,
+                _registered_method=True)
+        self.LogoutUser = channel.unary_unary(
+                '/nodepool.v1.UserManager/LogoutUser',
+                request_serializer=nodepool_dot_v1_dot_user__manager__pb2.LogoutUserRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.LogoutUserResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/nodepool.v1.UserManager/CreateApiKey',
+                request_serializer=nodepool_dot_v1_dot_user__manager__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/nodepool.v1.UserManager/ListApiKeys',
+                request_serializer=nodepool_dot_v1_dot_user__manager__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/nodepool.v1.UserManager/RevokeApiKey',
+                request_serializer=nodepool_dot_v1_dot_user__manager__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GrantRole = channel.unary_unary(
+                '/nodepool.v1.UserManager/GrantRole',
+                request_serializer=nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleResponse.FromString,
+                _registered_method=True)
+        self.RevokeRole = channel.unary_unary(
+                '/nodepool.v1.UserManager/RevokeRole',
+                request_serializer=nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleResponse.FromString,
+                _registered_method=True)
+        self.SetUserActive = channel.unary_unary(
+                '/nodepool.v1.UserManager/SetUserActive',
+                request_serializer=nodepool_dot_v1_dot_user__manager__pb2.SetUserActiveRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_user__manager__pb2.SetUserActiveResponse.FromString,
+                _registered_method=True)
 
 
 class UserManagerServicer:
-    """UserManager holds accounts and sessions.
+    """UserManager holds accounts, sessions, API keys and roles.
     """
 
     def RegisterUser(self, request, context):
@@ -80,6 +120,58 @@ class UserManagerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUserInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshToken(self, request, context):
+        """Trades a refresh token for a new access token and a new refresh token. A refresh
+        token works once: presenting a used one ends the whole session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogoutUser(self, request, context):
+        """Ends the caller's session on every server instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantRole(self, request, context):
+        """Administration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeRole(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUserActive(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +200,46 @@ def add_UserManagerServicer_to_server(servicer, server):
                     request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.GetUserInfoRequest.FromString,
                     response_serializer=nodepool_dot_v1_dot_user__manager__pb2.GetUserInfoResponse.SerializeToString,
             ),
+            'RefreshToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshToken,
+                    request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.RefreshTokenRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_user__manager__pb2.LoginUserResponse.SerializeToString,
+            ),
+            'LogoutUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogoutUser,
+                    request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.LogoutUserRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_user__manager__pb2.LogoutUserResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_user__manager__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_user__manager__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_user__manager__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'GrantRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantRole,
+                    request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleResponse.SerializeToString,
+            ),
+            'RevokeRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeRole,
+                    request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleResponse.SerializeToString,
+            ),
+            'SetUserActive': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserActive,
+                    request_deserializer=nodepool_dot_v1_dot_user__manager__pb2.SetUserActiveRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_user__manager__pb2.SetUserActiveResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'nodepool.v1.UserManager', rpc_method_handlers)
@@ -117,7 +249,7 @@ def add_UserManagerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class UserManager:
-    """UserManager holds accounts and sessions.
+    """UserManager holds accounts, sessions, API keys and roles.
     """
 
     @staticmethod
@@ -218,6 +350,222 @@ class UserManager:
             '/nodepool.v1.UserManager/GetUserInfo',
             nodepool_dot_v1_dot_user__manager__pb2.GetUserInfoRequest.SerializeToString,
             nodepool_dot_v1_dot_user__manager__pb2.GetUserInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.UserManager/RefreshToken',
+            nodepool_dot_v1_dot_user__manager__pb2.RefreshTokenRequest.SerializeToString,
+            nodepool_dot_v1_dot_user__manager__pb2.LoginUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogoutUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.UserManager/LogoutUser',
+            nodepool_dot_v1_dot_user__manager__pb2.LogoutUserRequest.SerializeToString,
+            nodepool_dot_v1_dot_user__manager__pb2.LogoutUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.UserManager/CreateApiKey',
+            nodepool_dot_v1_dot_user__manager__pb2.CreateApiKeyRequest.SerializeToString,
+            nodepool_dot_v1_dot_user__manager__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.UserManager/ListApiKeys',
+            nodepool_dot_v1_dot_user__manager__pb2.ListApiKeysRequest.SerializeToString,
+            nodepool_dot_v1_dot_user__manager__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.UserManager/RevokeApiKey',
+            nodepool_dot_v1_dot_user__manager__pb2.RevokeApiKeyRequest.SerializeToString,
+            nodepool_dot_v1_dot_user__manager__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.UserManager/GrantRole',
+            nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleRequest.SerializeToString,
+            nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.UserManager/RevokeRole',
+            nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleRequest.SerializeToString,
+            nodepool_dot_v1_dot_user__manager__pb2.ChangeRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserActive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.UserManager/SetUserActive',
+            nodepool_dot_v1_dot_user__manager__pb2.SetUserActiveRequest.SerializeToString,
+            nodepool_dot_v1_dot_user__manager__pb2.SetUserActiveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class UserManagerStub:
-    """UserManager holds accounts and sessions."""
+    """UserManager holds accounts, sessions, API keys and roles."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -37,19 +37,45 @@ class UserManagerStub:
     LoginUser: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.LoginUserRequest, _user_manager_pb2.LoginUserResponse]
     UpdateUserProfile: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.UpdateUserProfileRequest, _user_manager_pb2.UpdateUserProfileResponse]
     GetUserInfo: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.GetUserInfoRequest, _user_manager_pb2.GetUserInfoResponse]
+    RefreshToken: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.RefreshTokenRequest, _user_manager_pb2.LoginUserResponse]
+    """Trades a refresh token for a new access token and a new refresh token. A refresh
+    token works once: presenting a used one ends the whole session.
+    """
+    LogoutUser: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.LogoutUserRequest, _user_manager_pb2.LogoutUserResponse]
+    """Ends the caller's session on every server instance."""
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.CreateApiKeyRequest, _user_manager_pb2.CreateApiKeyResponse]
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.ListApiKeysRequest, _user_manager_pb2.ListApiKeysResponse]
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.RevokeApiKeyRequest, _user_manager_pb2.RevokeApiKeyResponse]
+    GrantRole: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.ChangeRoleRequest, _user_manager_pb2.ChangeRoleResponse]
+    """Administration."""
+    RevokeRole: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.ChangeRoleRequest, _user_manager_pb2.ChangeRoleResponse]
+    SetUserActive: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.SetUserActiveRequest, _user_manager_pb2.SetUserActiveResponse]
 
 @_typing.type_check_only
 class UserManagerAsyncStub(UserManagerStub):
-    """UserManager holds accounts and sessions."""
+    """UserManager holds accounts, sessions, API keys and roles."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterUser: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.RegisterUserRequest, _user_manager_pb2.RegisterUserResponse]  # type: ignore[assignment]
     LoginUser: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.LoginUserRequest, _user_manager_pb2.LoginUserResponse]  # type: ignore[assignment]
     UpdateUserProfile: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.UpdateUserProfileRequest, _user_manager_pb2.UpdateUserProfileResponse]  # type: ignore[assignment]
     GetUserInfo: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.GetUserInfoRequest, _user_manager_pb2.GetUserInfoResponse]  # type: ignore[assignment]
+    RefreshToken: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.RefreshTokenRequest, _user_manager_pb2.LoginUserResponse]  # type: ignore[assignment]
+    """Trades a refresh token for a new access token and a new refresh token. A refresh
+    token works once: presenting a used one ends the whole session.
+    """
+    LogoutUser: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.LogoutUserRequest, _user_manager_pb2.LogoutUserResponse]  # type: ignore[assignment]
+    """Ends the caller's session on every server instance."""
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.CreateApiKeyRequest, _user_manager_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.ListApiKeysRequest, _user_manager_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.RevokeApiKeyRequest, _user_manager_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    GrantRole: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.ChangeRoleRequest, _user_manager_pb2.ChangeRoleResponse]  # type: ignore[assignment]
+    """Administration."""
+    RevokeRole: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.ChangeRoleRequest, _user_manager_pb2.ChangeRoleResponse]  # type: ignore[assignment]
+    SetUserActive: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.SetUserActiveRequest, _user_manager_pb2.SetUserActiveResponse]  # type: ignore[assignment]
 
 class UserManagerServicer(metaclass=_abc_1.ABCMeta):
-    """UserManager holds accounts and sessions."""
+    """UserManager holds accounts, sessions, API keys and roles."""
 
     @_abc_1.abstractmethod
     def RegisterUser(
@@ -78,5 +104,66 @@ class UserManagerServicer(metaclass=_abc_1.ABCMeta):
         request: _user_manager_pb2.GetUserInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_manager_pb2.GetUserInfoResponse, _abc.Awaitable[_user_manager_pb2.GetUserInfoResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RefreshToken(
+        self,
+        request: _user_manager_pb2.RefreshTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_manager_pb2.LoginUserResponse, _abc.Awaitable[_user_manager_pb2.LoginUserResponse]]:
+        """Trades a refresh token for a new access token and a new refresh token. A refresh
+        token works once: presenting a used one ends the whole session.
+        """
+
+    @_abc_1.abstractmethod
+    def LogoutUser(
+        self,
+        request: _user_manager_pb2.LogoutUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_manager_pb2.LogoutUserResponse, _abc.Awaitable[_user_manager_pb2.LogoutUserResponse]]:
+        """Ends the caller's session on every server instance."""
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _user_manager_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_manager_pb2.CreateApiKeyResponse, _abc.Awaitable[_user_manager_pb2.CreateApiKeyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _user_manager_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_manager_pb2.ListApiKeysResponse, _abc.Awaitable[_user_manager_pb2.ListApiKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _user_manager_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_manager_pb2.RevokeApiKeyResponse, _abc.Awaitable[_user_manager_pb2.RevokeApiKeyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GrantRole(
+        self,
+        request: _user_manager_pb2.ChangeRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_manager_pb2.ChangeRoleResponse, _abc.Awaitable[_user_manager_pb2.ChangeRoleResponse]]:
+        """Administration."""
+
+    @_abc_1.abstractmethod
+    def RevokeRole(
+        self,
+        request: _user_manager_pb2.ChangeRoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_manager_pb2.ChangeRoleResponse, _abc.Awaitable[_user_manager_pb2.ChangeRoleResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetUserActive(
+        self,
+        request: _user_manager_pb2.SetUserActiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_manager_pb2.SetUserActiveResponse, _abc.Awaitable[_user_manager_pb2.SetUserActiveResponse]]: ...
 
 def add_UserManagerServicer_to_server(servicer: UserManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

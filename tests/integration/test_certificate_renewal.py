@@ -20,7 +20,7 @@ from nodepool.client import secure_channel
 from nodepool.renewal import CertificateFiles, RenewalError, keep_renewed, renew_certificate
 from nodepool.v1 import certificates_pb2, certificates_pb2_grpc
 from pki import CertificateAuthority
-from tests.fixtures.server import ServerThread
+from tests.fixtures.server import ServerThread, bearer, sign_up
 
 BIN = Path(sys.executable).parent
 
@@ -48,13 +48,23 @@ def _health(server: ServerThread, files: CertificateFiles) -> int:
 
 @pytest.mark.parametrize("kind", ["node", "client"])
 def test_renewal_keeps_identity_with_a_new_key(
-    mtls_server: ServerThread, pki_ca: CertificateAuthority, tmp_path: Path, kind: str
+    mtls_server: ServerThread,
+    pki_ca: CertificateAuthority,
+    client_cert: Any,
+    tmp_path: Path,
+    kind: str,
 ) -> None:
     files = _issue(pki_ca, tmp_path, kind, f"renew-{kind}")
     old = files.load()
     old_key = files.key.read_bytes()
+    # A client certificate renews only with its user's credential; a node's is its own.
+    metadata = (
+        bearer(sign_up(mtls_server, client_cert, "renewing-user").access_token)
+        if kind == "client"
+        else ()
+    )
 
-    renewed = renew_certificate(files, mtls_server.target)
+    renewed = renew_certificate(files, mtls_server.target, metadata=metadata)
 
     assert _uri(renewed) == _uri(old)
     assert renewed.serial_number != old.serial_number
@@ -65,6 +75,14 @@ def test_renewal_keeps_identity_with_a_new_key(
     assert _health(mtls_server, files) == health_pb2.HealthCheckResponse.SERVING
     recorded = {r.serial for r in pki_ca.list_certificates() if r.name == f"renew-{kind}"}
     assert {old.serial_number, renewed.serial_number} <= recorded
+
+
+def test_client_certificate_alone_cannot_renew(
+    mtls_server: ServerThread, pki_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    files = _issue(pki_ca, tmp_path, "client", "renew-bare-device")
+    with pytest.raises(RenewalError, match="^UNAUTHENTICATED"):
+        renew_certificate(files, mtls_server.target)
 
 
 def test_revoked_certificate_cannot_renew(
@@ -164,7 +182,7 @@ def test_keep_renewed_renews_after_two_thirds_of_the_lifetime(
 def test_cli_renews_only_when_due_with_if_due(
     mtls_server: ServerThread, pki_ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    files = _issue(pki_ca, tmp_path, "client", "renew-cli")
+    files = _issue(pki_ca, tmp_path, "node", "renew-cli")
     args = [
         BIN / "nodepool",
         "cert",

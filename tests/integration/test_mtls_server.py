@@ -18,7 +18,7 @@ from nodepool.v1 import (
     node_manager_pb2,
     node_manager_pb2_grpc,
 )
-from tests.fixtures.server import ServerThread
+from tests.fixtures.server import ServerThread, bearer, sign_up
 
 
 def _channel(server: ServerThread, issued: Any) -> grpc.Channel:
@@ -53,11 +53,16 @@ def test_reflection_lists_the_three_services(mtls_server: ServerThread, node_cer
     } <= names
 
 
-def test_unbuilt_rpc_answers_unimplemented(mtls_server: ServerThread, node_cert: Any) -> None:
-    with _channel(mtls_server, node_cert) as channel:
+def test_unbuilt_rpc_answers_unimplemented(mtls_server: ServerThread, client_cert: Any) -> None:
+    token = sign_up(mtls_server, client_cert, "unbuilt-user").access_token
+    with _channel(mtls_server, client_cert) as channel:
         stub = master_node_pb2_grpc.MasterNodeServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.GetTaskStatus(master_node_pb2.GetTaskStatusRequest(task_id="x"), timeout=10)
+            stub.GetTaskStatus(
+                master_node_pb2.GetTaskStatusRequest(task_id="x"),
+                metadata=bearer(token),
+                timeout=10,
+            )
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -158,6 +159,28 @@ def test_scripts_run_starts_a_server_from_nothing(tmp_path: Path) -> None:
         assert (dev / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
         assert (dev / "client" / "dev.key").stat().st_mode & 0o777 == 0o600
         assert (dev / "data" / "nodepool.db").exists()
+        admin_password = dev / "admin-password"
+        assert admin_password.stat().st_mode & 0o777 == 0o600
+        # The README's next steps: log in as the first administrator and look at yourself.
+        as_admin = dict(client, NODEPOOL_HOME=str(tmp_path / "home"))
+        login = subprocess.run(
+            [BIN / "nodepool", "user", "login", "admin", "--password-file", admin_password],
+            env=as_admin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert login.returncode == 0, login.stderr
+        assert (tmp_path / "home" / "session.json").stat().st_mode & 0o777 == 0o600
+        info = subprocess.run(
+            [BIN / "nodepool", "user", "info", "--json"],
+            env=as_admin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["roles"] == ["admin", "user"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

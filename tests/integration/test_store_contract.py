@@ -850,6 +850,17 @@ def test_revoke_sessions_of_user(store: Store, alice: str, bob: str) -> None:
     assert store.get_session("b0").revoked_at is None
 
 
+def test_list_sessions_revoked_since(timed: SqlStore, clock: FakeClock, alice: str) -> None:
+    expires = clock.now + timedelta(days=1)
+    for name in ("early", "late", "live"):
+        timed.create_session(session_id=name, owner=alice, token_hash=name, expires_at=expires)
+    timed.revoke_session("early", reason="logout")
+    since = clock.advance(minutes=20)
+    timed.revoke_session("late", reason="logout")
+    assert timed.list_sessions_revoked_since(since) == ["late"]
+    assert timed.list_sessions_revoked_since(since - timedelta(hours=1)) == ["early", "late"]
+
+
 def test_naive_datetimes_are_refused(store: Store, alice: str) -> None:
     with pytest.raises(InvalidArgument):
         store.create_session(

@@ -1,0 +1,300 @@
+"""Stage 3: the user credential a call carries, if any, and the roles it gives.
+
+A node certificate is a node's whole credential (role ``node``). A client certificate
+alone is a device (role ``device``: sign up, log in, health). With an access token
+(``authorization: Bearer <jwt>``) or an API key (``x-api-key: npk_...``, or as the bearer
+value) the call acts for that user with the user's current roles; an API key only with
+the roles it was scoped to that the user still holds.
+
+The common case costs dictionary lookups: verified tokens, users and API keys are cached
+in memory and forgotten when a change is announced (see :mod:`nodepool.auth.events`).
+Only a miss awaits the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from nodepool.auth.apikeys import MalformedApiKey, looks_like_api_key, parse_api_key, secret_matches
+from nodepool.auth.events import AuthEvent, AuthEvents
+from nodepool.auth.principal import Credential, PeerKind, Principal
+from nodepool.auth.rules import Access
+from nodepool.auth.tokens import InvalidToken, TokenVerifier
+from nodepool.errors import PermissionDeniedError, UnauthenticatedError, UnavailableError
+from nodepool.store import ApiKeyRecord
+
+__all__ = [
+    "DEVICE_ROLE",
+    "ApiKeyDirectory",
+    "CredentialResolver",
+    "SessionDenyList",
+    "UserDirectory",
+    "UserSnapshot",
+]
+
+DEVICE_ROLE = "device"
+NODE_ROLE = "node"
+_NODE_ROLES = frozenset({NODE_ROLE})
+_DEVICE_ROLES = frozenset({DEVICE_ROLE})
+_INVALID = "invalid or expired credential"
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _TtlCache(Generic[K, V]):
+    """A small bounded map whose entries go stale after ``ttl`` seconds."""
+
+    def __init__(self, ttl: float, max_entries: int, clock: Callable[[], float]) -> None:
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: K) -> tuple[bool, V | None]:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < self._clock():
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = (self._clock() + self._ttl, value)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def forget(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class UserSnapshot:
+    username: str
+    roles: frozenset[str]
+    is_active: bool
+
+
+class UserDirectory:
+    """Users' roles and active flags, cached; a role change is announced and forgotten."""
+
+    def __init__(
+        self,
+        load: Callable[[str], Awaitable[UserSnapshot | None]],
+        *,
+        ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._cache: _TtlCache[str, UserSnapshot | None] = _TtlCache(ttl, 100_000, clock)
+
+    def cached(self, username: str) -> tuple[bool, UserSnapshot | None]:
+        return self._cache.get(username.lower())
+
+    async def get(self, username: str) -> UserSnapshot | None:
+        found, user = self.cached(username)
+        if not found:
+            user = await self._load(username)
+            self._cache.put(username.lower(), user)
+        return user
+
+    def forget(self, username: str) -> None:
+        self._cache.forget(username.lower())
+
+    async def resync(self) -> None:
+        self._cache.clear()
+
+
+class ApiKeyDirectory:
+    """API key records by lookup id, cached briefly; revocation is announced and forgotten."""
+
+    def __init__(
+        self,
+        load: Callable[[str], Awaitable[ApiKeyRecord | None]],
+        touch: Callable[[dict[str, datetime]], Awaitable[None]],
+        *,
+        ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._touch = touch
+        self._cache: _TtlCache[str, ApiKeyRecord | None] = _TtlCache(ttl, 100_000, clock)
+        self._last_used: dict[str, datetime] = {}
+
+    def cached(self, lookup_id: str) -> tuple[bool, ApiKeyRecord | None]:
+        return self._cache.get(lookup_id)
+
+    async def get(self, lookup_id: str) -> ApiKeyRecord | None:
+        found, record = self._cache.get(lookup_id)
+        if not found:
+            record = await self._load(lookup_id)
+            self._cache.put(lookup_id, record)
+        return record
+
+    def used(self, lookup_id: str) -> None:
+        # Written behind in batches: a key used on every call costs no write per call.
+        self._last_used[lookup_id] = datetime.now(UTC)
+
+    async def flush_last_used(self) -> None:
+        if self._last_used:
+            batch, self._last_used = self._last_used, {}
+            await self._touch(batch)
+
+    def forget(self, lookup_id: str) -> None:
+        self._cache.forget(lookup_id)
+
+    async def resync(self) -> None:
+        self._cache.clear()
+
+
+class SessionDenyList:
+    """Sessions ended (logout, refresh-token reuse, password change, deactivation).
+
+    An access token names its session; the token is refused once the session is here.
+    Entries are kept as long as an access token issued before the revocation can live.
+    """
+
+    def __init__(
+        self,
+        load_revoked_since: Callable[[datetime], Awaitable[Iterable[str]]],
+        *,
+        keep_for: timedelta,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load_revoked_since
+        self._keep_for = keep_for
+        self._clock = clock
+        self._revoked: dict[str, float] = {}
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._revoked
+
+    def add(self, session_id: str) -> None:
+        self._revoked[session_id] = self._clock() + self._keep_for.total_seconds()
+        if len(self._revoked) % 1024 == 0:
+            self._expire()
+
+    async def resync(self) -> None:
+        for session_id in await self._load(datetime.now(UTC) - self._keep_for):
+            self.add(session_id)
+        self._expire()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for session_id in [sid for sid, until in self._revoked.items() if until < now]:
+            del self._revoked[session_id]
+
+
+class CredentialResolver:
+    """The credential stage. Returns None when settled from memory, else an awaitable."""
+
+    def __init__(
+        self,
+        *,
+        tokens: TokenVerifier,
+        sessions: SessionDenyList,
+        users: UserDirectory,
+        api_keys: ApiKeyDirectory,
+        events: AuthEvents,
+    ) -> None:
+        self._tokens = tokens
+        self._sessions = sessions
+        self._users = users
+        self._api_keys = api_keys
+        self._events = events
+        events.on(AuthEvent.SESSION_REVOKED, sessions.add)
+        events.on(AuthEvent.USER_CHANGED, users.forget)
+        events.on(AuthEvent.API_KEY_REVOKED, api_keys.forget)
+        events.on_resync(sessions.resync)
+        events.on_resync(users.resync)
+        events.on_resync(api_keys.resync)
+
+    def __call__(self, call: Any) -> Awaitable[None] | None:
+        peer = call.peer
+        credential = _find_credential(call.context.invocation_metadata())
+        if credential is None:
+            if peer.kind is PeerKind.NODE:
+                call.principal = Principal(peer=peer, roles=_NODE_ROLES)
+                return None
+            if call.rule.access is Access.USER:
+                raise UnauthenticatedError("authentication required")
+            call.principal = Principal(peer=peer, roles=_DEVICE_ROLES)
+            return None
+        if peer.kind is not PeerKind.CLIENT:
+            raise PermissionDeniedError(
+                "user credentials are accepted only with a client certificate"
+            )
+        if not self._events.healthy:
+            raise UnavailableError("credential status cannot be verified right now")
+        if looks_like_api_key(credential):
+            return self._with_api_key(call, credential)
+        try:
+            claims = self._tokens.verify_access(credential)
+        except InvalidToken:
+            raise UnauthenticatedError(_INVALID) from None
+        if claims.session_id in self._sessions:
+            raise UnauthenticatedError(_INVALID)
+        found, user = self._users.cached(claims.username)
+        if found:
+            self._admit_user(call, user, Credential.ACCESS_TOKEN, None, claims.session_id)
+            return None
+        return self._admit_loaded_user(call, claims.username, claims.session_id)
+
+    async def _admit_loaded_user(self, call: Any, username: str, session_id: str) -> None:
+        user = await self._users.get(username)
+        self._admit_user(call, user, Credential.ACCESS_TOKEN, None, session_id)
+
+    def _admit_user(
+        self,
+        call: Any,
+        user: UserSnapshot | None,
+        credential: Credential,
+        scopes: frozenset[str] | None,
+        session_id: str | None,
+    ) -> None:
+        if user is None or not user.is_active:
+            raise UnauthenticatedError(_INVALID)
+        roles = user.roles if scopes is None else user.roles & scopes
+        call.principal = Principal(
+            peer=call.peer,
+            credential=credential,
+            username=user.username,
+            roles=roles,
+            session_id=session_id,
+        )
+
+    async def _with_api_key(self, call: Any, text: str) -> None:
+        try:
+            parsed = parse_api_key(text)
+        except MalformedApiKey:
+            raise UnauthenticatedError(_INVALID) from None
+        record = await self._api_keys.get(parsed.lookup_id)
+        if (
+            record is None
+            or not secret_matches(parsed.secret, record.secret_hash)
+            or record.revoked_at is not None
+            or (record.expires_at is not None and record.expires_at <= datetime.now(UTC))
+        ):
+            raise UnauthenticatedError(_INVALID)
+        user = await self._users.get(record.owner)
+        self._admit_user(call, user, Credential.API_KEY, frozenset(record.scopes), None)
+        self._api_keys.used(record.lookup_id)
+
+
+def _find_credential(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise UnauthenticatedError("authorization must be 'Bearer <token>'")
+            return token.strip()
+        if key == "x-api-key" and isinstance(value, str):
+            return value.strip()
+    return None

@@ -1,0 +1,93 @@
+"""Fan-out of credential changes to every server instance.
+
+Logging out, revoking an API key or changing a user's roles happens on one instance; the
+others hold caches of sessions, keys and users that must forget the old state within
+moments. Each change is published on one cache channel (Redis pub/sub across instances,
+in-process without Redis). While the subscription is down, nothing can be known about
+changes made elsewhere, so :attr:`AuthEvents.healthy` turns false and the credential
+stage fails closed; when it comes back every cache is reloaded before calls pass again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+
+from nodepool.cache import Cache, CacheUnavailable
+
+__all__ = ["AUTH_EVENTS_CHANNEL", "AuthEvent", "AuthEvents"]
+
+_log = logging.getLogger(__name__)
+
+AUTH_EVENTS_CHANNEL = "auth-events"
+
+
+class AuthEvent(enum.StrEnum):
+    SESSION_REVOKED = "session"
+    API_KEY_REVOKED = "apikey"
+    USER_CHANGED = "user"
+
+
+Handler = Callable[[str], None]
+Resync = Callable[[], Awaitable[None]]
+
+
+class AuthEvents:
+    def __init__(self, cache: Cache, *, retry_after: float = 1.0) -> None:
+        self._cache = cache
+        self._retry_after = retry_after
+        self._handlers: dict[AuthEvent, list[Handler]] = {kind: [] for kind in AuthEvent}
+        self._resyncs: list[Resync] = []
+        self.healthy = False
+
+    def on(self, kind: AuthEvent, handler: Handler) -> None:
+        self._handlers[kind].append(handler)
+
+    def on_resync(self, resync: Resync) -> None:
+        """``resync`` reloads a cache from the database after a gap in the events."""
+        self._resyncs.append(resync)
+
+    async def publish(self, kind: AuthEvent, subject: str) -> None:
+        # This instance applies its own change at once, whatever the channel does.
+        self._dispatch(kind, subject)
+        try:
+            await self._cache.publish(AUTH_EVENTS_CHANNEL, f"{kind}:{subject}".encode())
+        except CacheUnavailable:
+            # Other instances cannot hear it; make this one fail closed too until the
+            # subscription is re-established and everything is reloaded.
+            _log.warning("cannot publish a credential change; failing closed until resync")
+            self.healthy = False
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Listens forever, resubscribing (and resyncing) after any failure."""
+        while True:
+            try:
+                async with self._cache.subscribe(AUTH_EVENTS_CHANNEL) as messages:
+                    for resync in self._resyncs:
+                        await resync()
+                    self.healthy = True
+                    if ready is not None:
+                        ready.set()
+                    async for message in messages:
+                        self._handle(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("credential change subscription lost; failing closed")
+            self.healthy = False
+            await asyncio.sleep(self._retry_after)
+
+    def _handle(self, message: bytes) -> None:
+        kind, _, subject = message.decode(errors="replace").partition(":")
+        try:
+            event = AuthEvent(kind)
+        except ValueError:
+            _log.warning("ignoring an unknown credential change %r", kind)
+            return
+        self._dispatch(event, subject)
+
+    def _dispatch(self, kind: AuthEvent, subject: str) -> None:
+        for handler in self._handlers[kind]:
+            handler(subject)

@@ -1,0 +1,431 @@
+"""``nodepool user``, ``nodepool apikey`` and ``nodepool audit``: accounts over gRPC.
+
+``nodepool user create-admin`` is the one local command here: it writes to the database
+on the server host, because the first administrator is never made by a remote caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from nodepool.cli.connection import SavedSession, client_options, connect, read_password
+from nodepool.cli.errors import CommandError
+from nodepool.domain.accounts import ADMIN, USER, register_account
+from nodepool.errors import NodePoolError
+from nodepool.server.auth import password_hasher
+from nodepool.settings import SettingsError, load_settings
+from nodepool.store import StoreError, open_store
+from nodepool.v1 import audit_pb2, audit_pb2_grpc, user_manager_pb2, user_manager_pb2_grpc
+
+__all__ = ["apikey", "audit", "user"]
+
+_password_file = click.option(
+    "--password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="read the password from this file [or NODEPOOL_PASSWORD, or a prompt]",
+)
+_json = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+
+
+def _print_json(message: Any) -> None:
+    click.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _when(message: Any, field: str) -> str:
+    if not message.HasField(field):
+        return "-"
+    return str(getattr(message, field).ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+
+def _show_user(user: user_manager_pb2.User) -> None:
+    _table(
+        f"user {user.username}",
+        ("field", "value"),
+        [
+            ("username", user.username),
+            ("email", user.email or "-"),
+            ("roles", ", ".join(user.roles)),
+            ("active", "yes" if user.is_active else "no"),
+            ("created", _when(user, "created_at")),
+            ("last login", _when(user, "last_login")),
+        ],
+    )
+
+
+@click.group()
+def user() -> None:
+    """Accounts and sessions."""
+
+
+@user.command("register")
+@click.argument("username")
+@click.option("--email", default="", help="contact address")
+@_password_file
+@client_options
+def user_register(
+    username: str,
+    email: str,
+    password_file: Path | None,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+) -> None:
+    """Create an account (needs only this device's client certificate)."""
+    password = read_password(password_file, confirm=True)
+    with connect(server, cert, key, ca) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        reply = conn.call(
+            stub.RegisterUser,
+            user_manager_pb2.RegisterUserRequest(username=username, password=password, email=email),
+            auth=False,
+        )
+    click.echo(f"registered {reply.user.username}", err=True)
+
+
+@user.command("login")
+@click.argument("username")
+@_password_file
+@client_options
+def user_login(
+    username: str,
+    password_file: Path | None,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+) -> None:
+    """Log in; the session is kept under NODEPOOL_HOME (mode 0600)."""
+    password = read_password(password_file)
+    with connect(server, cert, key, ca) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        reply = conn.call(
+            stub.LoginUser,
+            user_manager_pb2.LoginUserRequest(username=username, password=password),
+            auth=False,
+        )
+        SavedSession.from_reply(conn.target, username, reply).save()
+    click.echo(f"logged in as {username}", err=True)
+
+
+@user.command("logout")
+@client_options
+def user_logout(server: str | None, cert: str | None, key: str | None, ca: str | None) -> None:
+    """End the session on the server and forget it here."""
+    with connect(server, cert, key, ca) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        conn.call(stub.LogoutUser, user_manager_pb2.LogoutUserRequest())
+    SavedSession.forget()
+    click.echo("logged out", err=True)
+
+
+@user.command("info")
+@click.argument("username", required=False, default="")
+@_json
+@client_options
+def user_info(
+    username: str,
+    as_json: bool,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+) -> None:
+    """Show your account, or any account if you are an admin."""
+    with connect(server, cert, key, ca) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        reply = conn.call(stub.GetUserInfo, user_manager_pb2.GetUserInfoRequest(username=username))
+    if as_json:
+        _print_json(reply.user)
+    else:
+        _show_user(reply.user)
+
+
+@user.command("update")
+@click.option("--username", default="", help="another user's account (admins only)")
+@click.option("--email", default=None, help="new contact address ('' clears it)")
+@click.option("--change-password", is_flag=True, help="prompt for the old and a new password")
+@click.option(
+    "--new-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="read the new password from this file",
+)
+@_password_file
+@client_options
+def user_update(
+    username: str,
+    email: str | None,
+    change_password: bool,
+    new_password_file: Path | None,
+    password_file: Path | None,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+) -> None:
+    """Change the email address or the password (which ends your other sessions)."""
+    current = new = ""
+    if change_password or new_password_file is not None:
+        current = read_password(password_file)
+        if new_password_file is not None:
+            new = read_password(new_password_file)
+        else:
+            new = click.prompt("New password", hide_input=True, confirmation_prompt=True, err=True)
+    request = user_manager_pb2.UpdateUserProfileRequest(
+        username=username, current_password=current, new_password=new
+    )
+    if email is not None:
+        request.email = email
+    with connect(server, cert, key, ca) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        reply = conn.call(stub.UpdateUserProfile, request)
+    click.echo(f"updated {reply.user.username}", err=True)
+
+
+def _change_role(grant: bool, username: str, role: str, options: tuple[Any, ...]) -> None:
+    with connect(*options) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        method = stub.GrantRole if grant else stub.RevokeRole
+        reply = conn.call(method, user_manager_pb2.ChangeRoleRequest(username=username, role=role))
+    click.echo(f"{reply.user.username}: roles {', '.join(reply.user.roles)}", err=True)
+
+
+@user.command("grant")
+@click.argument("username")
+@click.argument("role", type=click.Choice([USER, ADMIN]))
+@client_options
+def user_grant(
+    username: str, role: str, server: str | None, cert: str | None, key: str | None, ca: str | None
+) -> None:
+    """Give a user a role (admins only; you must hold the role yourself)."""
+    _change_role(True, username, role, (server, cert, key, ca))
+
+
+@user.command("revoke-role")
+@click.argument("username")
+@click.argument("role", type=click.Choice([USER, ADMIN]))
+@client_options
+def user_revoke_role(
+    username: str, role: str, server: str | None, cert: str | None, key: str | None, ca: str | None
+) -> None:
+    """Take a role from a user (admins only)."""
+    _change_role(False, username, role, (server, cert, key, ca))
+
+
+def _set_active(username: str, active: bool, options: tuple[Any, ...]) -> None:
+    with connect(*options) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        conn.call(
+            stub.SetUserActive,
+            user_manager_pb2.SetUserActiveRequest(username=username, is_active=active),
+        )
+    click.echo(f"{username} {'activated' if active else 'deactivated'}", err=True)
+
+
+@user.command("deactivate")
+@click.argument("username")
+@client_options
+def user_deactivate(
+    username: str, server: str | None, cert: str | None, key: str | None, ca: str | None
+) -> None:
+    """Disable an account and end its sessions (admins only)."""
+    _set_active(username, False, (server, cert, key, ca))
+
+
+@user.command("activate")
+@click.argument("username")
+@client_options
+def user_activate(
+    username: str, server: str | None, cert: str | None, key: str | None, ca: str | None
+) -> None:
+    """Enable an account again (admins only)."""
+    _set_active(username, True, (server, cert, key, ca))
+
+
+@user.command("create-admin")
+@click.argument("username")
+@click.option("--email", default="")
+@_password_file
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path))
+def user_create_admin(
+    username: str, email: str, password_file: Path | None, config_file: Path | None
+) -> None:
+    """Create an administrator directly in the database (run on the server host)."""
+    try:
+        settings = load_settings(config_file)
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from None
+    password = read_password(password_file, confirm=True)
+    try:
+        store = open_store(settings.database_url)
+    except StoreError as exc:
+        raise CommandError(f"database: cannot open ({exc})") from None
+    try:
+        created = asyncio.run(
+            register_account(
+                store, password_hasher(settings), username, password, email, (USER, ADMIN)
+            )
+        )
+    except NodePoolError as exc:
+        raise CommandError(exc.public_message) from None
+    finally:
+        store.close()
+    click.echo(f"administrator {created.username} created", err=True)
+
+
+@click.group()
+def apikey() -> None:
+    """API keys for automation (sent as x-api-key, or NODEPOOL_API_KEY)."""
+
+
+@apikey.command("create")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice([USER, ADMIN]))
+@click.option("--days", type=click.IntRange(1, 365), default=None, help="lifetime [default 90]")
+@click.option("--owner", default="", help="another user's key (admins only)")
+@_json
+@client_options
+def apikey_create(
+    name: str,
+    scopes: tuple[str, ...],
+    days: int | None,
+    owner: str,
+    as_json: bool,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+) -> None:
+    """Create a key. The key is printed this once and never again."""
+    with connect(server, cert, key, ca) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        reply = conn.call(
+            stub.CreateApiKey,
+            user_manager_pb2.CreateApiKeyRequest(
+                name=name, scopes=list(scopes), ttl_days=days or 0, owner=owner
+            ),
+        )
+    if as_json:
+        _print_json(reply)
+        return
+    click.echo(
+        f"key id {reply.api_key.key_id}, expires {_when(reply.api_key, 'expires_at')}", err=True
+    )
+    click.echo("store this key now; it is not shown again:", err=True)
+    click.echo(reply.secret)
+
+
+@apikey.command("list")
+@click.option("--owner", default="", help="another user's keys (admins only)")
+@_json
+@client_options
+def apikey_list(
+    owner: str, as_json: bool, server: str | None, cert: str | None, key: str | None, ca: str | None
+) -> None:
+    """List keys (never their secrets)."""
+    with connect(server, cert, key, ca) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        reply = conn.call(stub.ListApiKeys, user_manager_pb2.ListApiKeysRequest(owner=owner))
+    if as_json:
+        _print_json(reply)
+        return
+    _table(
+        "API keys",
+        ("key id", "name", "owner", "scopes", "expires", "last used", "revoked"),
+        [
+            (
+                k.key_id,
+                k.name,
+                k.owner,
+                ", ".join(k.scopes),
+                _when(k, "expires_at"),
+                _when(k, "last_used_at"),
+                _when(k, "revoked_at"),
+            )
+            for k in reply.api_keys
+        ],
+    )
+
+
+@apikey.command("revoke")
+@click.argument("key_id")
+@client_options
+def apikey_revoke(
+    key_id: str, server: str | None, cert: str | None, key: str | None, ca: str | None
+) -> None:
+    """Revoke a key; it stops working on every server within moments."""
+    with connect(server, cert, key, ca) as conn:
+        stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
+        conn.call(stub.RevokeApiKey, user_manager_pb2.RevokeApiKeyRequest(key_id=key_id))
+    click.echo(f"revoked {key_id}", err=True)
+
+
+@click.group()
+def audit() -> None:
+    """The audit log (admins only)."""
+
+
+@audit.command("list")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--user", "username", default="")
+@click.option("--method", default="")
+@click.option("--outcome", type=click.Choice(["", "allowed", "denied", "failed"]), default="")
+@_json
+@client_options
+def audit_list(
+    limit: int,
+    username: str,
+    method: str,
+    outcome: str,
+    as_json: bool,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+) -> None:
+    """Newest entries first."""
+    with connect(server, cert, key, ca) as conn:
+        stub = audit_pb2_grpc.AuditServiceStub(conn.channel)
+        reply = conn.call(
+            stub.ListAuditEvents,
+            audit_pb2.ListAuditEventsRequest(
+                page_size=limit, username=username, method=method, outcome=outcome
+            ),
+        )
+    if as_json:
+        _print_json(reply)
+        return
+    _table(
+        "audit log",
+        ("at", "outcome", "code", "method", "principal", "user", "peer"),
+        [
+            (
+                _when(e, "at"),
+                e.outcome,
+                e.code,
+                e.method.rsplit("/", 1)[-1],
+                e.principal,
+                e.username or "-",
+                e.peer,
+            )
+            for e in reply.events
+        ],
+    )

@@ -1,0 +1,98 @@
+"""Stage 5: the audit trail. Every refused call, and every call that changes state.
+
+Entries are buffered in memory and written to the database in batches by a background
+task, so auditing costs a list append on the call path. Nothing secret is recorded: the
+interceptor never sees request bodies, and the detail holds only the status code and the
+public reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from urllib.parse import unquote
+
+import grpc
+
+from nodepool.errors import NodePoolError
+from nodepool.server.pipeline import Call
+from nodepool.server.status import status_for
+from nodepool.store import AuditEntry
+
+__all__ = ["AuditTrail", "outcome_for"]
+
+_log = logging.getLogger(__name__)
+
+_DENIED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+def outcome_for(code: grpc.StatusCode) -> str:
+    if code is grpc.StatusCode.OK:
+        return "allowed"
+    return "denied" if code in _DENIED else "failed"
+
+
+class AuditTrail:
+    def __init__(
+        self,
+        append: Callable[[Sequence[AuditEntry]], Awaitable[None]],
+        *,
+        max_buffer: int = 50_000,
+    ) -> None:
+        self._append = append
+        self._max_buffer = max_buffer
+        self._buffer: list[AuditEntry] = []
+        self._dropped = 0
+
+    def refused(self, call: Call, error: NodePoolError) -> None:
+        self._record(call, status_for(error), error.public_message)
+
+    def finished(self, call: Call, code: grpc.StatusCode, seconds: float) -> None:
+        if call.rule.audited or code in _DENIED:
+            self._record(call, code, None)
+
+    def _record(self, call: Call, code: grpc.StatusCode, reason: str | None) -> None:
+        if len(self._buffer) >= self._max_buffer:
+            # The database has been unreachable for a long time; keep the newest.
+            self._buffer.pop(0)
+            self._dropped += 1
+        detail = {"code": code.name}
+        if reason:
+            detail["reason"] = reason
+        principal = call.principal
+        self._buffer.append(
+            AuditEntry(
+                at=datetime.now(UTC),
+                principal=call.peer.spiffe_id if call.peer else "-",
+                username=principal.username if principal else None,
+                method=call.method,
+                outcome=outcome_for(code),
+                # gRPC percent-encodes IPv6 brackets ("ipv6:%5B::1%5D:5555").
+                peer=unquote(call.context.peer() or ""),
+                detail=detail,
+            )
+        )
+
+    async def flush(self) -> None:
+        if not self._buffer:
+            return
+        batch, self._buffer = self._buffer, []
+        try:
+            await self._append(batch)
+        except Exception:
+            # Put the batch back in front; the next flush retries it.
+            self._buffer[:0] = batch
+            raise
+        if self._dropped:
+            _log.error("audit buffer overflowed: %d entries were dropped", self._dropped)
+            self._dropped = 0
+
+    async def run(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush()
+            except Exception:
+                _log.exception("cannot write the audit log; will retry")

@@ -1,0 +1,105 @@
+"""Builds the credential stage and the accounts domain over one store and cache."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from nodepool.auth.credentials import (
+    ApiKeyDirectory,
+    CredentialResolver,
+    SessionDenyList,
+    UserDirectory,
+    UserSnapshot,
+)
+from nodepool.auth.events import AuthEvents
+from nodepool.auth.passwords import PasswordHasher
+from nodepool.auth.tokens import SigningKeys, TokenConfig, TokenIssuer, TokenVerifier
+from nodepool.cache import Cache
+from nodepool.domain.accounts import Accounts, LoginPolicy
+from nodepool.settings import Settings
+from nodepool.store import ApiKeyRecord, NotFound, Store
+
+__all__ = ["AuthParts", "build_auth", "password_hasher", "token_config"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthParts:
+    credentials: CredentialResolver
+    accounts: Accounts
+    events: AuthEvents
+    api_keys: ApiKeyDirectory
+
+
+def token_config(settings: Settings) -> TokenConfig:
+    return TokenConfig(
+        issuer=settings.token_issuer,
+        audience=settings.token_audience,
+        access_ttl=timedelta(seconds=settings.access_token_ttl),
+        refresh_ttl=timedelta(seconds=settings.refresh_token_ttl),
+    )
+
+
+def password_hasher(settings: Settings) -> PasswordHasher:
+    return PasswordHasher(
+        time_cost=settings.password_hash_time_cost,
+        memory_cost=settings.password_hash_memory_kib,
+    )
+
+
+def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys) -> AuthParts:
+    config = token_config(settings)
+    verifier = TokenVerifier(keys, config)
+    events = AuthEvents(cache)
+
+    async def load_user(username: str) -> UserSnapshot | None:
+        try:
+            user = await asyncio.to_thread(store.get_user, username)
+        except NotFound:
+            return None
+        return UserSnapshot(user.username, user.roles, user.is_active)
+
+    async def load_api_key(lookup_id: str) -> ApiKeyRecord | None:
+        try:
+            return await asyncio.to_thread(store.get_api_key_by_lookup_id, lookup_id)
+        except NotFound:
+            return None
+
+    async def touch_api_keys(used: dict[str, datetime]) -> None:
+        def touch_all() -> None:
+            for lookup_id, at in used.items():
+                try:
+                    store.touch_api_key_last_used(lookup_id, at)
+                except NotFound:
+                    continue
+
+        await asyncio.to_thread(touch_all)
+
+    async def revoked_sessions(since: datetime) -> list[str]:
+        return await asyncio.to_thread(store.list_sessions_revoked_since, since)
+
+    api_keys = ApiKeyDirectory(load_api_key, touch_api_keys)
+    credentials = CredentialResolver(
+        tokens=verifier,
+        # An access token lives access_ttl (plus clock leeway) after its session ends.
+        sessions=SessionDenyList(
+            revoked_sessions, keep_for=config.access_ttl + timedelta(seconds=config.leeway + 60)
+        ),
+        users=UserDirectory(load_user),
+        api_keys=api_keys,
+        events=events,
+    )
+    accounts = Accounts(
+        store,
+        cache,
+        events,
+        hasher=password_hasher(settings),
+        issuer=TokenIssuer(keys, config),
+        verifier=verifier,
+        login_policy=LoginPolicy(
+            max_failures=settings.login_max_failures,
+            lockout=timedelta(seconds=settings.login_lockout_seconds),
+        ),
+    )
+    return AuthParts(credentials, accounts, events, api_keys)
