@@ -25,6 +25,7 @@ from nodepool.renewal import CertificateFiles, RenewalError, renew_certificate, 
 from nodepool.server.app import NodePoolServer, StartupError
 from nodepool.settings import Settings, SettingsError, load_settings
 from nodepool.store import StoreError, migrate
+from nodepool.worker import WorkerError, run_worker
 
 __all__ = ["cli", "main"]
 
@@ -45,6 +46,14 @@ def _settings(config_file: Path | None) -> Settings:
         raise CommandError(str(exc)) from None
 
 
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Node Pool: the zero-trust control plane of HiveMind."""
@@ -55,11 +64,7 @@ def cli() -> None:
 def serve(config_file: Path | None) -> None:
     """Run the gRPC server (mutual TLS only) until SIGTERM or SIGINT."""
     settings = _settings(config_file)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(settings)
     try:
         asyncio.run(_serve(settings))
     except StartupError as exc:
@@ -81,6 +86,34 @@ async def _serve(settings: Settings) -> None:
     await stopping.wait()
     logging.getLogger("nodepool").info("shutting down (grace %.0f s)", settings.shutdown_grace)
     await server.stop()
+
+
+@cli.command()
+@_config_option
+@client_options
+def worker(
+    config_file: Path | None,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+) -> None:
+    """Run this machine as a worker node (with its node certificate) until SIGTERM."""
+    settings = _settings(config_file)
+    _configure_logging(settings)
+    try:
+        files = CertificateFiles(*credential_paths(cert=cert, key=key, ca=ca))
+        asyncio.run(_work(files, server))
+    except (ClientConfigError, WorkerError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+async def _work(files: CertificateFiles, server: str | None) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await run_worker(files, server, stopping)
 
 
 @cli.group()

@@ -8,11 +8,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+
+from nodepool.client import secure_channel
+from nodepool.v1 import user_manager_pb2, user_manager_pb2_grpc
+from tests.fixtures.server import PASSWORD
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -187,3 +193,52 @@ def test_scripts_run_starts_a_server_from_nothing(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_sigterm_lets_an_in_flight_call_finish(serve_env: dict[str, str]) -> None:
+    """Shutdown stops taking calls but lets the ones already running complete."""
+    # An expensive password hash makes LoginUser take about a second.
+    env = dict(serve_env, NODEPOOL_PASSWORD_HASH_TIME_COST="20")
+    results: list[object] = []
+    with subprocess.Popen(
+        [BIN / "nodepool", "serve"], env=env, stderr=subprocess.DEVNULL
+    ) as process:
+        try:
+            _wait_serving(env, process, 60)
+            with secure_channel(
+                env["NODEPOOL_SERVER"],
+                cert=env["NODEPOOL_CERT"],
+                key=env["NODEPOOL_KEY"],
+                ca=env["NODEPOOL_CA"],
+            ) as channel:
+                stub = user_manager_pb2_grpc.UserManagerStub(channel)
+                stub.RegisterUser(
+                    user_manager_pb2.RegisterUserRequest(username="slowpoke", password=PASSWORD),
+                    timeout=60,
+                )
+
+                def login() -> None:
+                    try:
+                        results.append(
+                            stub.LoginUser(
+                                user_manager_pb2.LoginUserRequest(
+                                    username="slowpoke", password=PASSWORD
+                                ),
+                                timeout=60,
+                            )
+                        )
+                    except grpc.RpcError as exc:
+                        results.append(exc)
+
+                caller = threading.Thread(target=login)
+                caller.start()
+                time.sleep(0.3)
+                process.send_signal(signal.SIGTERM)
+                caller.join(timeout=60)
+            assert process.wait(timeout=30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert len(results) == 1
+    assert not isinstance(results[0], grpc.RpcError), results[0]
+    assert results[0].access_token  # type: ignore[attr-defined]
