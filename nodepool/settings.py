@@ -157,6 +157,13 @@ class Settings:
     )
     login_max_failures: int = field(default=5, metadata={"parse": _parse_int(1, 1000)})
     login_lockout_seconds: int = field(default=900, metadata={"parse": _parse_int(1, 86400)})
+    login_attempts_per_user_per_minute: int = field(
+        default=10, metadata={"parse": _parse_int(1, 100000)}
+    )
+    # Raise it when many users share one address (a NAT, a proxy).
+    login_attempts_per_peer_per_minute: int = field(
+        default=30, metadata={"parse": _parse_int(1, 100000)}
+    )
     # argon2id cost; the defaults are RFC 9106's second recommended profile.
     password_hash_time_cost: int = field(default=3, metadata={"parse": _parse_int(1, 100)})
     password_hash_memory_kib: int = field(

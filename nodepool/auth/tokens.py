@@ -24,9 +24,9 @@ Algorithms are pinned per key: a token is checked only with the algorithm of the
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -74,6 +74,7 @@ MAX_TOKEN_LENGTH: Final = 8 * 1024
 _CURRENT_FILE: Final = "current"
 _KEY_SUFFIX: Final = ".pem"
 _KID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_TIME: Final = 2**53  # exactly representable as a float
 _REQUIRED_CLAIMS: Final = ("iss", "aud", "sub", "sid", "jti", "iat", "nbf", "exp")
 
 _PrivateKey: TypeAlias = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
@@ -400,13 +401,31 @@ class RefreshClaims:
 
 
 def _is_time(value: object) -> bool:
-    # bool is an int subclass ("exp": true must not read as 1970-01-01T00:00:01), and JSON
-    # as Python parses it allows NaN and Infinity, which would compare as "never expires".
+    # bool is an int subclass ("exp": true must not read as 1970-01-01T00:00:01); JSON as
+    # Python parses it allows NaN and Infinity, which would compare as "never expires"; and
+    # an int beyond float range would raise OverflowError in the comparisons.
     if isinstance(value, bool):
         return False
-    if isinstance(value, int):
-        return True
-    return isinstance(value, float) and math.isfinite(value)
+    # The range test also refuses NaN (every comparison is False) and the infinities.
+    return isinstance(value, int | float) and 0 <= value < _MAX_TIME
+
+
+def _peek_header(token: str) -> dict[str, Any]:
+    """The unverified JOSE header, only to pick the key and skip hopeless tokens cheaply.
+
+    PyJWT's own parser validates base64 character by character in Python (tens of µs);
+    the authoritative parse is the one PyJWT does while verifying the signature.
+    """
+    segment, dot, _ = token.partition(".")
+    if not dot:
+        raise InvalidToken("malformed")
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, RecursionError):  # binascii.Error and UnicodeError are ValueErrors
+        raise InvalidToken("malformed") from None
+    if not isinstance(header, dict):
+        raise InvalidToken("malformed")
+    return header
 
 
 class TokenVerifier:
@@ -473,16 +492,13 @@ class TokenVerifier:
             raise InvalidToken("malformed")
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("oversized")
-        try:
-            header = jwt.get_unverified_header(token)
-        except (jwt.InvalidTokenError, ValueError, TypeError, RecursionError):
-            raise InvalidToken("malformed") from None
+        header = _peek_header(token)
         kid = header.get("kid")
         entry = self._keys.get(kid) if isinstance(kid, str) else None
         if entry is None:
             raise InvalidToken("unknown-key")
-        # Checked before the signature only to skip the work; the header is signed, so a
-        # changed typ would fail the signature anyway.
+        # Checked here only to skip the signature work for a wrong type; the check that
+        # counts is on the header PyJWT verified, below.
         if header.get("typ") != typ:
             raise InvalidToken("wrong-type")
         public_key, algorithms = entry
@@ -494,6 +510,9 @@ class TokenVerifier:
             raise InvalidToken("algorithm") from None
         except (jwt.InvalidTokenError, ValueError, TypeError, RecursionError):
             raise InvalidToken("malformed") from None
+        verified_header = decoded["header"]
+        if verified_header.get("typ") != typ or verified_header.get("kid") != kid:
+            raise InvalidToken("wrong-type")
         try:
             payload = json.loads(decoded["payload"])
         except (ValueError, RecursionError):

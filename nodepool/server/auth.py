@@ -100,6 +100,8 @@ def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys
         login_policy=LoginPolicy(
             max_failures=settings.login_max_failures,
             lockout=timedelta(seconds=settings.login_lockout_seconds),
+            attempts_per_user_per_minute=settings.login_attempts_per_user_per_minute,
+            attempts_per_peer_per_minute=settings.login_attempts_per_peer_per_minute,
         ),
     )
     return AuthParts(credentials, accounts, events, api_keys)
