@@ -55,6 +55,9 @@ class _TtlCache(Generic[K, V]):
         self._max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        # Bumped by every forget/clear. A value loaded while a change was announced may be
+        # the old one; it is returned to its caller but not kept.
+        self.generation = 0
 
     def get(self, key: K) -> tuple[bool, V | None]:
         entry = self._entries.get(key)
@@ -62,16 +65,20 @@ class _TtlCache(Generic[K, V]):
             return False, None
         return True, entry[1]
 
-    def put(self, key: K, value: V) -> None:
+    def put(self, key: K, value: V, loaded_at_generation: int) -> None:
+        if loaded_at_generation != self.generation:
+            return
         self._entries[key] = (self._clock() + self._ttl, value)
         self._entries.move_to_end(key)
         if len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
 
     def forget(self, key: K) -> None:
+        self.generation += 1
         self._entries.pop(key, None)
 
     def clear(self) -> None:
+        self.generation += 1
         self._entries.clear()
 
 
@@ -101,8 +108,9 @@ class UserDirectory:
     async def get(self, username: str) -> UserSnapshot | None:
         found, user = self.cached(username)
         if not found:
+            generation = self._cache.generation
             user = await self._load(username)
-            self._cache.put(username.lower(), user)
+            self._cache.put(username.lower(), user, generation)
         return user
 
     def forget(self, username: str) -> None:
@@ -134,8 +142,9 @@ class ApiKeyDirectory:
     async def get(self, lookup_id: str) -> ApiKeyRecord | None:
         found, record = self._cache.get(lookup_id)
         if not found:
+            generation = self._cache.generation
             record = await self._load(lookup_id)
-            self._cache.put(lookup_id, record)
+            self._cache.put(lookup_id, record, generation)
         return record
 
     def used(self, lookup_id: str) -> None:

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import ParamSpec, TypeVar
+from typing import NoReturn, ParamSpec, TypeVar
 
 from nodepool.auth.apikeys import generate_api_key
 from nodepool.auth.events import AuthEvent, AuthEvents
@@ -176,13 +176,12 @@ class Accounts:
             user = None
         if user is None:
             await asyncio.to_thread(self._hasher.dummy_verify, password)
-            await self._failed_login(key, None)
-        elif not await asyncio.to_thread(self._hasher.verify, user.password_hash, password):
-            await self._failed_login(key, user.username)
-        elif not user.is_active:
+            await self._failed_login(key)
+        if not await asyncio.to_thread(self._hasher.verify, user.password_hash, password):
+            await self._failed_login(key)
+        if not user.is_active:
             # Same answer as a wrong password: a disabled account is not confirmed.
             raise UnauthenticatedError(_LOGIN_FAILED)
-        assert user is not None
 
         await self._cache.delete(f"login:failures:{key}")
         await self._db(self._store.record_login_success, user.username)
@@ -191,18 +190,15 @@ class Accounts:
             await self._db(self._store.update_user_fields, user.username, password_hash=new_hash)
         return await self._new_session(user.username)
 
-    async def _failed_login(self, key: str, username: str | None) -> None:
+    async def _failed_login(self, key: str) -> NoReturn:
+        # Failures and the lock live only in the cache, keyed by the name as typed: the
+        # same work and the same answers for existing and unknown names, so neither the
+        # reply nor its timing says which names exist. (With Redis they also outlive a
+        # restart and are shared by every instance.)
         window = self._login.lockout.total_seconds()
         failures = await self._cache.hit(f"login:failures:{key}", window)
         if failures >= self._login.max_failures:
             await self._cache.set(f"login:locked:{key}", b"1", ttl=window)
-        if username is not None:
-            await self._db(
-                self._store.record_login_failure,
-                username,
-                lock_after=self._login.max_failures,
-                lock_for=self._login.lockout,
-            )
         raise UnauthenticatedError(_LOGIN_FAILED)
 
     async def _new_session(self, username: str) -> Session:
@@ -346,12 +342,14 @@ class Accounts:
 
     async def revoke_role(self, actor: Principal, username: str, role: str) -> UserRecord:
         role = self._grantable(actor, role)
-        if role == ADMIN:
-            await self._keep_an_admin(username)
+        username = _bounded(username, "username", 64)
         try:
-            user = await self._db(self._store.remove_role, _bounded(username, "username", 64), role)
+            user = await self._db(self._store.remove_role, username, role)
         except NotFound:
             raise NotFoundError("no such user") from None
+        if role == ADMIN and not await self._an_admin_remains():
+            await self._db(self._store.add_role, username, ADMIN)
+            raise FailedPreconditionError("the last active administrator cannot be removed")
         await self._events.publish(AuthEvent.USER_CHANGED, user.username)
         return user
 
@@ -362,10 +360,11 @@ class Accounts:
             raise PermissionDeniedError("you cannot grant or revoke a role you do not hold")
         return role
 
-    async def _keep_an_admin(self, username: str) -> None:
-        admins = [u for u in await self._all_users() if ADMIN in u.roles and u.is_active]
-        if len(admins) <= 1 and any(u.username.lower() == username.lower() for u in admins):
-            raise FailedPreconditionError("the last active administrator cannot be removed")
+    async def _an_admin_remains(self) -> bool:
+        # Checked after the change, which is undone when none remains: two administrators
+        # demoting each other at once both see none left and both undo, so the race can
+        # only ever keep an administrator, never lose the last one.
+        return any(ADMIN in u.roles and u.is_active for u in await self._all_users())
 
     async def _all_users(self) -> list[UserRecord]:
         users: list[UserRecord] = []
@@ -382,12 +381,13 @@ class Accounts:
         username = _bounded(username, "username", 64)
         if not active and username.lower() == actor.username.lower():
             raise FailedPreconditionError("you cannot deactivate your own account")
-        if not active:
-            await self._keep_an_admin(username)
         try:
             user = await self._db(self._store.update_user_fields, username, is_active=active)
         except NotFound:
             raise NotFoundError("no such user") from None
+        if not active and not await self._an_admin_remains():
+            await self._db(self._store.update_user_fields, username, is_active=True)
+            raise FailedPreconditionError("the last active administrator cannot be removed")
         if not active:
             await self._end_sessions_of(user.username, "account deactivated")
         await self._events.publish(AuthEvent.USER_CHANGED, user.username)
