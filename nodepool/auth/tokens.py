@@ -351,6 +351,10 @@ class TokenIssuer:
         self._access_seconds = int(config.access_ttl.total_seconds())
         self._refresh_seconds = int(config.refresh_ttl.total_seconds())
 
+    def use_keys(self, keys: SigningKeys) -> None:
+        """Signs with ``keys``' current key from now on (after a rotation)."""
+        self._key = keys._signing_key()
+
     def issue_access(self, username: str, session_id: str) -> IssuedToken:
         return self._issue(username, session_id, ACCESS_TOKEN_TYPE, self._access_seconds)
 
@@ -442,9 +446,7 @@ class TokenVerifier:
             raise ValueError("cache_size must not be negative")
         # kid -> (public key, the one algorithm allowed with it). Built once: the hot path
         # never touches PEM or key objects' construction.
-        self._keys: dict[str, tuple[_PublicKey, list[str]]] = {
-            kid: (keys.public_key(kid), [keys.algorithm_of(kid)]) for kid in keys.kids
-        }
+        self._keys = self._verification_keys(keys)
         self._config = config
         self._leeway = config.leeway
         self._clock = clock
@@ -454,6 +456,18 @@ class TokenVerifier:
         # oldest entry is also the nearest to expiring.
         self._cache: OrderedDict[str, AccessClaims] = OrderedDict()
         self._jws = jwt.PyJWS()
+
+    @staticmethod
+    def _verification_keys(keys: SigningKeys) -> dict[str, tuple[_PublicKey, list[str]]]:
+        return {kid: (keys.public_key(kid), [keys.algorithm_of(kid)]) for kid in keys.kids}
+
+    def use_keys(self, keys: SigningKeys) -> None:
+        """Accepts tokens signed by any of ``keys`` from now on (one atomic swap).
+
+        Cached verifications stay: a token's signature does not stop being valid because a
+        newer key appeared, and a pruned key's tokens have expired by then.
+        """
+        self._keys = self._verification_keys(keys)
 
     def verify_access(self, token: str) -> AccessClaims:
         try:

@@ -17,6 +17,7 @@ import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nodepool.auth.tokens import SigningKeyError, SigningKeys
 from nodepool.cli.accounts import apikey, audit, user
 from nodepool.cli.connection import client_options, connect
 from nodepool.cli.errors import CommandError, run_command
@@ -114,6 +115,24 @@ async def _work(files: CertificateFiles, server: str | None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await run_worker(files, server, stopping)
+
+
+@cli.group()
+def keys() -> None:
+    """Token signing keys (local, on the server host)."""
+
+
+@keys.command("rotate")
+@_config_option
+def keys_rotate(config_file: Path | None) -> None:
+    """Sign new tokens with a new key; tokens signed by older keys stay valid."""
+    settings = _settings(config_file)
+    try:
+        kid = SigningKeys.rotate(settings.jwt_keys, settings.jwt_algorithm)
+    except (SigningKeyError, OSError) as exc:
+        raise CommandError(f"NODEPOOL_JWT_KEY_DIR: {exc}") from None
+    click.echo(kid)
+    click.echo("servers sharing this key directory sign with it within seconds", err=True)
 
 
 @cli.group()

@@ -71,6 +71,7 @@ _REVOCATION_POLL_SECONDS = 0.25
 _REVOCATION_MAX_STALENESS = 5.0
 _AUDIT_FLUSH_SECONDS = 0.5
 _POLICY_RELOAD_SECONDS = 2.0
+_SIGNING_KEY_RELOAD_SECONDS = 5.0
 _API_KEY_TOUCH_SECONDS = 30.0
 
 
@@ -203,6 +204,7 @@ class NodePoolServer:
         self._spawn(tls.watch(settings.tls_reload_interval))
         self._spawn(audit.run(_AUDIT_FLUSH_SECONDS))
         self._spawn(policy.watch(_POLICY_RELOAD_SECONDS))
+        self._spawn(auth.signing_keys.watch(_SIGNING_KEY_RELOAD_SECONDS))
         self._spawn(_every(_API_KEY_TOUCH_SECONDS, auth.api_keys.flush_last_used))
         await server.start()
         self._server, self.port = server, port

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from nodepool.auth.credentials import (
     ApiKeyDirectory,
@@ -15,13 +17,65 @@ from nodepool.auth.credentials import (
 )
 from nodepool.auth.events import AuthEvents
 from nodepool.auth.passwords import PasswordHasher
-from nodepool.auth.tokens import SigningKeys, TokenConfig, TokenIssuer, TokenVerifier
+from nodepool.auth.tokens import (
+    SigningKeyError,
+    SigningKeys,
+    TokenConfig,
+    TokenIssuer,
+    TokenVerifier,
+)
 from nodepool.cache import Cache
 from nodepool.domain.accounts import Accounts, LoginPolicy
 from nodepool.settings import Settings
 from nodepool.store import ApiKeyRecord, NotFound, Store
 
-__all__ = ["AuthParts", "build_auth", "password_hasher", "token_config"]
+__all__ = ["AuthParts", "SigningKeyWatcher", "build_auth", "password_hasher", "token_config"]
+
+_log = logging.getLogger(__name__)
+
+
+class SigningKeyWatcher:
+    """Picks up a rotated key directory without a restart.
+
+    ``nodepool keys rotate`` writes a new key and points ``current`` at it; every instance
+    sharing the directory then signs with it and still accepts the older keys.
+    """
+
+    def __init__(self, directory: Path, issuer: TokenIssuer, verifier: TokenVerifier) -> None:
+        self._directory = directory
+        self._issuer = issuer
+        self._verifier = verifier
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        entries = []
+        for path in sorted(self._directory.iterdir()):
+            info = path.stat()
+            entries.append((path.name, info.st_mtime_ns, info.st_size))
+        return tuple(entries)
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            keys = SigningKeys.load(self._directory)
+        except SigningKeyError as exc:
+            _log.warning("token signing keys changed but were not loaded: %s", exc)
+            return False
+        self._stamp = stamp
+        self._verifier.use_keys(keys)
+        self._issuer.use_keys(keys)
+        _log.info("token signing keys reloaded; signing with %s", keys.current_kid)
+        return True
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.reload_if_changed)
+            except OSError:
+                _log.exception("cannot read the token signing keys")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +84,7 @@ class AuthParts:
     accounts: Accounts
     events: AuthEvents
     api_keys: ApiKeyDirectory
+    signing_keys: SigningKeyWatcher
 
 
 def token_config(settings: Settings) -> TokenConfig:
@@ -51,6 +106,7 @@ def password_hasher(settings: Settings) -> PasswordHasher:
 def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys) -> AuthParts:
     config = token_config(settings)
     verifier = TokenVerifier(keys, config)
+    issuer = TokenIssuer(keys, config)
     events = AuthEvents(cache)
 
     async def load_user(username: str) -> UserSnapshot | None:
@@ -95,7 +151,7 @@ def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys
         cache,
         events,
         hasher=password_hasher(settings),
-        issuer=TokenIssuer(keys, config),
+        issuer=issuer,
         verifier=verifier,
         login_policy=LoginPolicy(
             max_failures=settings.login_max_failures,
@@ -104,4 +160,5 @@ def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys
             attempts_per_peer_per_minute=settings.login_attempts_per_peer_per_minute,
         ),
     )
-    return AuthParts(credentials, accounts, events, api_keys)
+    watcher = SigningKeyWatcher(settings.jwt_keys, issuer, verifier)
+    return AuthParts(credentials, accounts, events, api_keys, watcher)
