@@ -24,7 +24,7 @@ from nodepool.auth.apikeys import MalformedApiKey, looks_like_api_key, parse_api
 from nodepool.auth.events import AuthEvent, AuthEvents
 from nodepool.auth.principal import Credential, PeerKind, Principal
 from nodepool.auth.rules import Access
-from nodepool.auth.tokens import InvalidToken, TokenVerifier
+from nodepool.auth.tokens import AccessClaims, InvalidToken, TokenVerifier
 from nodepool.errors import PermissionDeniedError, UnauthenticatedError, UnavailableError
 from nodepool.store import ApiKeyRecord
 
@@ -42,6 +42,9 @@ NODE_ROLE = "node"
 _NODE_ROLES = frozenset({NODE_ROLE})
 _DEVICE_ROLES = frozenset({DEVICE_ROLE})
 _INVALID = "invalid or expired credential"
+# A cached admission is re-checked at least this often even without any announcement.
+_ADMITTED_SECONDS = 60.0
+_MAX_ADMITTED = 100_000
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -218,12 +221,27 @@ class CredentialResolver:
         self._users = users
         self._api_keys = api_keys
         self._events = events
+        # (credential, certificate serial) -> (principal, valid until, API key id): a
+        # repeated call with the same credential over the same certificate is one lookup.
+        # Any announced change empties it, so it never outlives a revocation.
+        self._admitted: dict[tuple[str, int], tuple[Principal, float, str | None]] = {}
+        self._generation = 0
         events.on(AuthEvent.SESSION_REVOKED, sessions.add)
         events.on(AuthEvent.USER_CHANGED, users.forget)
         events.on(AuthEvent.API_KEY_REVOKED, api_keys.forget)
+        for kind in AuthEvent:
+            events.on(kind, self._forget_admitted)
         events.on_resync(sessions.resync)
         events.on_resync(users.resync)
         events.on_resync(api_keys.resync)
+        events.on_resync(self._resync_admitted)
+
+    def _forget_admitted(self, _subject: str) -> None:
+        self._generation += 1
+        self._admitted.clear()
+
+    async def _resync_admitted(self) -> None:
+        self._forget_admitted("")
 
     def __call__(self, call: Any) -> Awaitable[None] | None:
         peer = call.peer
@@ -242,6 +260,12 @@ class CredentialResolver:
             )
         if not self._events.healthy:
             raise UnavailableError("credential status cannot be verified right now")
+        admitted = self._admitted.get((credential, peer.serial))
+        if admitted is not None and admitted[1] > time.time():
+            call.principal = admitted[0]
+            if admitted[2] is not None:
+                self._api_keys.used(admitted[2])
+            return None
         if looks_like_api_key(credential):
             return self._with_api_key(call, credential)
         try:
@@ -252,38 +276,73 @@ class CredentialResolver:
             raise UnauthenticatedError(_INVALID)
         found, user = self._users.cached(claims.username)
         if found:
-            self._admit_user(call, user, Credential.ACCESS_TOKEN, None, claims.session_id)
+            self._admit_user(
+                call,
+                credential,
+                user,
+                Credential.ACCESS_TOKEN,
+                claims.expires_at,
+                session_id=claims.session_id,
+            )
             return None
-        return self._admit_loaded_user(call, claims.username, claims.session_id)
+        return self._admit_loaded_user(call, credential, claims.username, claims)
 
-    async def _admit_loaded_user(self, call: Any, username: str, session_id: str) -> None:
+    async def _admit_loaded_user(
+        self, call: Any, credential: str, username: str, claims: AccessClaims
+    ) -> None:
+        generation = self._generation
         user = await self._users.get(username)
-        self._admit_user(call, user, Credential.ACCESS_TOKEN, None, session_id)
+        self._admit_user(
+            call,
+            credential,
+            user,
+            Credential.ACCESS_TOKEN,
+            claims.expires_at,
+            session_id=claims.session_id,
+            generation=generation,
+        )
 
     def _admit_user(
         self,
         call: Any,
+        credential_text: str,
         user: UserSnapshot | None,
         credential: Credential,
-        scopes: frozenset[str] | None,
-        session_id: str | None,
+        expires_at: float,
+        *,
+        scopes: frozenset[str] | None = None,
+        session_id: str | None = None,
+        api_key_id: str | None = None,
+        generation: int | None = None,
     ) -> None:
         if user is None or not user.is_active:
             raise UnauthenticatedError(_INVALID)
         roles = user.roles if scopes is None else user.roles & scopes
-        call.principal = Principal(
+        principal = Principal(
             peer=call.peer,
             credential=credential,
             username=user.username,
             roles=roles,
             session_id=session_id,
         )
+        call.principal = principal
+        # Kept only if no change was announced while the user was being loaded.
+        if generation is None or generation == self._generation:
+            if len(self._admitted) >= _MAX_ADMITTED:
+                self._admitted.clear()
+            valid_until = min(expires_at, time.time() + _ADMITTED_SECONDS)
+            self._admitted[(credential_text, call.peer.serial)] = (
+                principal,
+                valid_until,
+                api_key_id,
+            )
 
     async def _with_api_key(self, call: Any, text: str) -> None:
         try:
             parsed = parse_api_key(text)
         except MalformedApiKey:
             raise UnauthenticatedError(_INVALID) from None
+        generation = self._generation
         record = await self._api_keys.get(parsed.lookup_id)
         if (
             record is None
@@ -293,7 +352,16 @@ class CredentialResolver:
         ):
             raise UnauthenticatedError(_INVALID)
         user = await self._users.get(record.owner)
-        self._admit_user(call, user, Credential.API_KEY, frozenset(record.scopes), None)
+        self._admit_user(
+            call,
+            text,
+            user,
+            Credential.API_KEY,
+            record.expires_at.timestamp() if record.expires_at else float("inf"),
+            scopes=frozenset(record.scopes),
+            api_key_id=record.lookup_id,
+            generation=generation,
+        )
         self._api_keys.used(record.lookup_id)
 
 

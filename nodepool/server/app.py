@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from nodepool.auth.authorization import Authorizer, default_policy_dir
 from nodepool.auth.certificates import PeerCertificateCache
@@ -168,7 +168,6 @@ class NodePoolServer:
             auditor=audit,
         )
         server = grpc.aio.server(
-            interceptors=[pipeline],
             options=[
                 # Without this a second server could bind the same port and split traffic.
                 ("grpc.so_reuseport", 0),
@@ -177,17 +176,24 @@ class NodePoolServer:
                 ("grpc.http2.max_pings_without_data", 0),
             ],
         )
-        node_manager_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(), server)
+        # Every service is added through the pipeline's view of the server, which wraps
+        # each handler once; nothing is registered on the server directly.
+        guarded = pipeline.guarded(server)
+        node_manager_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(), guarded)
         user_manager_pb2_grpc.add_UserManagerServicer_to_server(
-            UserManagerServicer(auth.accounts), server
+            UserManagerServicer(auth.accounts), guarded
         )
-        master_node_pb2_grpc.add_MasterNodeServiceServicer_to_server(MasterNodeServicer(), server)
+        master_node_pb2_grpc.add_MasterNodeServiceServicer_to_server(MasterNodeServicer(), guarded)
         certificates_pb2_grpc.add_CertificateServiceServicer_to_server(
-            CertificateServicer(CertificateRenewal(authority)), server
+            CertificateServicer(CertificateRenewal(authority)), guarded
         )
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(AuditLog(store)), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, HEALTH_SERVICE), server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(AuditLog(store)), guarded)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            # The asyncio servicer is exported as reflection.aio; the stubs predate it.
+            reflection.aio.ReflectionServicer((*SERVICE_NAMES, HEALTH_SERVICE)),  # type: ignore[attr-defined]
+            guarded,
+        )
 
         try:
             port = server.add_secure_port(settings.bind_address, tls.credentials())

@@ -49,7 +49,7 @@ class AuditTrail:
     def refused(self, call: Call, error: NodePoolError) -> None:
         self._record(call, status_for(error), error.public_message)
 
-    def finished(self, call: Call, code: grpc.StatusCode, seconds: float) -> None:
+    def finished(self, call: Call, code: grpc.StatusCode) -> None:
         if call.rule.audited or code in _DENIED:
             self._record(call, code, None)
 

@@ -1,4 +1,4 @@
-"""The server interceptor: every call passes a fixed sequence of stages before a servicer.
+"""The call pipeline: every call passes a fixed sequence of stages before a servicer.
 
 Order (DESIGN.md §3): peer identity → revocation → credentials → authorization → audit.
 The peer certificate is visible only on the ServicerContext, not on HandlerCallDetails,
@@ -11,9 +11,9 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import grpc
 
@@ -29,6 +29,7 @@ __all__ = [
     "Call",
     "CallAuditor",
     "CallPipeline",
+    "GuardedServer",
     "Stage",
     "authorization_stage",
     "identity_stage",
@@ -42,10 +43,10 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 # The stubs make these generic; at run time they are plain classes.
 if TYPE_CHECKING:
     _Handler = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
 else:
     _Handler = grpc.RpcMethodHandler
-    _Interceptor = grpc.aio.ServerInterceptor
+    _GenericHandler = grpc.GenericRpcHandler
 
 
 @dataclass(slots=True)
@@ -74,7 +75,7 @@ class CallAuditor(Protocol):
 
     def refused(self, call: Call, error: NodePoolError) -> None: ...
 
-    def finished(self, call: Call, code: grpc.StatusCode, seconds: float) -> None: ...
+    def finished(self, call: Call, code: grpc.StatusCode) -> None: ...
 
 
 def identity_stage(certificates: PeerCertificateCache) -> Stage:
@@ -107,7 +108,15 @@ def authorization_stage(authorizer: Authorizer) -> Stage:
     return check_authorization
 
 
-class CallPipeline(_Interceptor):
+class CallPipeline:
+    """Wraps every method handler, once, when it is registered.
+
+    A ``grpc.aio`` server interceptor runs per call and rebuilds the wrapped handler each
+    time; wrapping at registration costs nothing per call beyond the stages themselves.
+    Services are registered through :meth:`guarded` so that no handler reaches the server
+    unwrapped, and a method missing from the table is refused: deny by default.
+    """
+
     def __init__(
         self,
         method_rules: Mapping[str, MethodRule],
@@ -118,66 +127,72 @@ class CallPipeline(_Interceptor):
         self._stages = tuple(stages)
         self._auditor = auditor
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> _Handler:
-        method = handler_call_details.method
+    def guarded(self, server: grpc.aio.Server) -> grpc.aio.Server:
+        """A registration view of ``server``: add services to it, not to the server.
+
+        It has only the two methods the generated ``add_*_to_server`` functions call;
+        it is typed as a server so that those functions accept it.
+        """
+        return cast(grpc.aio.Server, GuardedServer(server, self))
+
+    def guard(self, method: str, handler: _Handler) -> _Handler:
         rule = self._method_rules.get(method)
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         if rule is None:
             return _refusing_handler(handler, PermissionDeniedError("method not allowed"))
         return self._wrap(handler, method, rule)
 
-    async def _admit(
-        self, method: str, rule: MethodRule, context: _Context
-    ) -> Call | NodePoolError:
-        call = Call(method=method, rule=rule, context=context)
-        try:
-            for stage in self._stages:
-                pending = stage(call)
-                if pending is not None:
-                    await pending
-        except NodePoolError as error:
-            self._auditor.refused(call, error)
-            return error
-        return call
-
     def _wrap(self, handler: _Handler, method: str, rule: MethodRule) -> _Handler:
-        admit = self._admit
+        stages = self._stages
         auditor = self._auditor
+        audited = rule.audited
 
-        def finish(call: Call, context: _Context, started: float) -> None:
-            code = context.code() or grpc.StatusCode.OK
-            auditor.finished(call, code, time.perf_counter() - started)
+        async def refuse(call: Call, error: NodePoolError) -> NoReturn:
+            auditor.refused(call, error)
+            await call.context.abort(status_for(error), error.public_message)
+
+        def failed(call: Call, context: _Context) -> None:
+            auditor.finished(call, context.code() or grpc.StatusCode.UNKNOWN)
 
         if handler.unary_unary is not None or handler.stream_unary is not None:
             behaviour: Any = handler.unary_unary or handler.stream_unary
 
             async def unary_response(request: Any, context: _Context) -> Any:
-                started = time.perf_counter()
-                call = await admit(method, rule, context)
-                if isinstance(call, NodePoolError):
-                    await context.abort(status_for(call), call.public_message)
+                # The stages run inline: no coroutine per call unless one must wait.
+                call = Call(method=method, rule=rule, context=context)
+                try:
+                    for stage in stages:
+                        pending = stage(call)
+                        if pending is not None:
+                            await pending
+                except NodePoolError as error:
+                    await refuse(call, error)
                 token = CURRENT_PRINCIPAL.set(call.principal)  # type: ignore[arg-type]
                 try:
-                    return await behaviour(request, context)
+                    response = await behaviour(request, context)
+                except BaseException:
+                    failed(call, context)
+                    raise
                 finally:
                     CURRENT_PRINCIPAL.reset(token)
-                    finish(call, context, started)
+                # Only calls that change state are recorded when they succeed; the cheap
+                # reads that dominate traffic skip even the status lookup.
+                if audited:
+                    auditor.finished(call, context.code() or grpc.StatusCode.OK)
+                return response
 
             return _replace_behaviour(handler, unary_response)
 
         stream_behaviour: Any = handler.unary_stream or handler.stream_stream
 
         async def stream_response(request: Any, context: _Context) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            call = await admit(method, rule, context)
-            if isinstance(call, NodePoolError):
-                await context.abort(status_for(call), call.public_message)
+            call = Call(method=method, rule=rule, context=context)
+            try:
+                for stage in stages:
+                    pending = stage(call)
+                    if pending is not None:
+                        await pending
+            except NodePoolError as error:
+                await refuse(call, error)
             token = CURRENT_PRINCIPAL.set(call.principal)  # type: ignore[arg-type]
             try:
                 result = stream_behaviour(request, context)
@@ -187,11 +202,59 @@ class CallPipeline(_Interceptor):
                 else:
                     # A coroutine that writes with context.write() itself.
                     await result
+            except BaseException:
+                failed(call, context)
+                raise
             finally:
                 CURRENT_PRINCIPAL.reset(token)
-                finish(call, context, started)
+            if audited:
+                auditor.finished(call, context.code() or grpc.StatusCode.OK)
 
         return _replace_behaviour(handler, stream_response)
+
+
+class _GuardedGenericHandler(_GenericHandler):
+    def __init__(self, inner: _GenericHandler, pipeline: CallPipeline) -> None:
+        self._inner = inner
+        self._pipeline = pipeline
+        self._wrapped: dict[str, _Handler | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> _Handler | None:
+        method = handler_call_details.method
+        try:
+            return self._wrapped[method]
+        except KeyError:
+            pass
+        handler = self._inner.service(handler_call_details)
+        wrapped = None if handler is None else self._pipeline.guard(method, handler)
+        # Bounded by the methods the inner handler knows; unknown names are not kept.
+        if handler is not None:
+            self._wrapped[method] = wrapped
+        return wrapped
+
+
+class GuardedServer:
+    """What the generated ``add_*Servicer_to_server`` functions register through."""
+
+    def __init__(self, server: grpc.aio.Server, pipeline: CallPipeline) -> None:
+        self._server = server
+        self._pipeline = pipeline
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[_GenericHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_GuardedGenericHandler(handler, self._pipeline) for handler in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, _Handler]
+    ) -> None:
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service,
+            {
+                name: self._pipeline.guard(f"/{service}/{name}", handler)
+                for name, handler in handlers.items()
+            },
+        )
 
 
 def _replace_behaviour(handler: _Handler, behaviour: Any) -> _Handler:

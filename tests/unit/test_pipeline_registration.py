@@ -1,0 +1,104 @@
+"""Handlers are wrapped when registered; a registered method missing from the table is refused."""
+
+from __future__ import annotations
+
+import asyncio
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from nodepool.auth.rules import Access, MethodRule
+from nodepool.errors import NodePoolError
+from nodepool.server.pipeline import Call, CallPipeline
+
+CHECK = "/grpc.health.v1.Health/Check"
+LIST = "/grpc.health.v1.Health/List"
+
+
+class RecordingAuditor:
+    def __init__(self) -> None:
+        self.refusals: list[tuple[str, str]] = []
+        self.completions: list[tuple[str, grpc.StatusCode]] = []
+
+    def refused(self, call: Call, error: NodePoolError) -> None:
+        self.refusals.append((call.method, error.public_message))
+
+    def finished(self, call: Call, code: grpc.StatusCode) -> None:
+        self.completions.append((call.method, code))
+
+
+def _pipeline(stages: list[Any], auditor: Any) -> CallPipeline:
+    # Check is in the table (and audited); List is registered but deliberately absent.
+    rules = MappingProxyType({CHECK: MethodRule(Access.CERTIFICATE, audited=True)})
+    return CallPipeline(rules, stages=stages, auditor=auditor)
+
+
+async def _serve_and_call(pipeline: CallPipeline) -> tuple[Any, grpc.StatusCode | None]:
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(
+        health.aio.HealthServicer(),  # type: ignore[attr-defined]
+        pipeline.guarded(server),
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            check = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            try:
+                await stub.List(health_pb2.HealthListRequest(), timeout=10)
+                listed = None
+            except grpc.aio.AioRpcError as exc:
+                listed = exc.code()
+        return check, listed
+    finally:
+        await server.stop(None)
+
+
+def test_registered_handlers_run_the_stages_and_unlisted_methods_are_refused() -> None:
+    seen: list[str] = []
+    auditor = RecordingAuditor()
+    pipeline = _pipeline([lambda call: seen.append(call.method)], auditor)
+
+    check, listed = asyncio.run(_serve_and_call(pipeline))
+
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    assert seen == [CHECK], "the stages did not run for the registered method"
+    assert auditor.completions == [(CHECK, grpc.StatusCode.OK)]
+    assert listed == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_refusing_stage_stops_the_call_before_the_servicer() -> None:
+    from nodepool.errors import UnauthenticatedError
+
+    def refuse(call: Call) -> None:
+        raise UnauthenticatedError("no entry")
+
+    auditor = RecordingAuditor()
+    pipeline = _pipeline([refuse], auditor)
+
+    async def call_check() -> grpc.StatusCode:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(
+            health.aio.HealthServicer(),  # type: ignore[attr-defined]
+            pipeline.guarded(server),
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                try:
+                    await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=10
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.details() == "no entry"
+                    return exc.code()
+            raise AssertionError("the call went through")
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(call_check()) == grpc.StatusCode.UNAUTHENTICATED
+    assert auditor.refusals == [(CHECK, "no entry")]
