@@ -60,6 +60,10 @@ def _parse_str(name: str, raw: object) -> str:
     return raw.strip()
 
 
+def _parse_optional_str(name: str, raw: object) -> str | None:
+    return _parse_str(name, raw) or None
+
+
 def _parse_optional_path(name: str, raw: object) -> Path | None:
     text = _parse_str(name, raw)
     return Path(text).expanduser() if text else None
@@ -139,6 +143,9 @@ class Settings:
     completed_task_retention_days: int = field(default=7, metadata={"parse": _parse_int(1, 3650)})
     trust_domain: str = field(default="nodepool.local", metadata={"parse": _parse_trust_domain})
     pki_dir: Path | None = field(default=None, metadata={"parse": _parse_optional_path})
+    # Where the CA's certificate and revocation records live when not in the CA directory:
+    # a PostgreSQL database that servers on several hosts and nodepool-pki share.
+    pki_database_url: str | None = field(default=None, metadata={"parse": _parse_optional_str})
     tls_cert: Path | None = field(default=None, metadata={"parse": _parse_optional_path})
     tls_key: Path | None = field(default=None, metadata={"parse": _parse_optional_path})
     tls_ca: Path | None = field(default=None, metadata={"parse": _parse_optional_path})

@@ -27,13 +27,14 @@ from pki.authority import DEFAULT_TRUST_DOMAIN, REVOCATION_REASONS, CertificateA
 from pki.errors import InvalidInputError, PkiError
 from pki.identity import CertificateKind
 from pki.passphrase import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV, read_ca_passphrase
-from pki.store import CertificateRecord, CertificateStatus, format_serial
+from pki.store import CertificateRecord, CertificateStatus, CertificateStore, format_serial
 
 __all__ = ["cli", "main"]
 
 PROG_NAME = "nodepool-pki"
 DIR_ENV = "NODEPOOL_PKI_DIR"
 DEBUG_ENV = "NODEPOOL_PKI_DEBUG"
+DATABASE_URL_ENV = "NODEPOOL_PKI_DATABASE_URL"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -87,6 +88,12 @@ def _directory(value: Path | None) -> Path:
     return Path(from_env)
 
 
+def _records(*, create: bool = False) -> CertificateStore | None:
+    """The records database named by $NODEPOOL_PKI_DATABASE_URL, else the CA directory's."""
+    url = os.environ.get(DATABASE_URL_ENV)
+    return CertificateStore.from_url(url, create=create) if url else None
+
+
 def _actor() -> str:
     try:
         return getpass.getuser()
@@ -123,7 +130,9 @@ def init(directory: Path | None, trust_domain: str, passphrase_file: Path | None
     """Create a new CA in --dir."""
     directory = _directory(directory)
     passphrase = read_ca_passphrase(passphrase_file)
-    with CertificateAuthority.init(directory, trust_domain, passphrase) as ca:
+    with CertificateAuthority.init(
+        directory, trust_domain, passphrase, store=_records(create=True)
+    ) as ca:
         fingerprint = ca.certificate.fingerprint(hashes.SHA256()).hex(":").upper()
     click.echo(f"created CA for spiffe://{trust_domain} in {directory}")
     click.echo(f"CA certificate: {directory / 'ca.crt'}")
@@ -172,7 +181,7 @@ def _issue(
 ) -> None:
     directory = _directory(directory)
     passphrase = read_ca_passphrase(passphrase_file)
-    with CertificateAuthority.open(directory, passphrase) as ca:
+    with CertificateAuthority.open(directory, passphrase, store=_records()) as ca:
         issued = ca.issue(
             kind,
             name,
@@ -291,7 +300,7 @@ def revoke(name: str | None, serial: int | None, directory: Path | None, reason:
         raise _UsageError("give either NAME or --serial")
     directory = _directory(directory)
     # Revoking needs the records, not the CA key: it must work in an emergency.
-    with CertificateAuthority.open(directory) as ca:
+    with CertificateAuthority.open(directory, store=_records()) as ca:
         revoked = ca.revoke(name=name, serial=serial, reason=reason, actor=_actor())
     target = name if name is not None else f"serial {format_serial(serial or 0)}"
     if not revoked:
@@ -311,7 +320,7 @@ def revoke(name: str | None, serial: int | None, directory: Path | None, reason:
 def list_(directory: Path | None, as_json: bool) -> None:
     """List issued certificates and their status."""
     directory = _directory(directory)
-    with CertificateAuthority.open(directory) as ca:
+    with CertificateAuthority.open(directory, store=_records()) as ca:
         records = ca.list_certificates()
     now = datetime.now(UTC)
     if as_json:
@@ -365,7 +374,7 @@ def crl(directory: Path | None, out: Path, days: int, passphrase_file: Path | No
     """Write a signed CRL of every revoked certificate."""
     directory = _directory(directory)
     passphrase = read_ca_passphrase(passphrase_file)
-    with CertificateAuthority.open(directory, passphrase) as ca:
+    with CertificateAuthority.open(directory, passphrase, store=_records()) as ca:
         ca.write_crl(out, lifetime=timedelta(days=days))
     click.echo(f"wrote CRL to {out}")
 

@@ -290,7 +290,15 @@ class CertificateStore:
 
     @classmethod
     def from_url(cls, url: str | URL, *, create: bool = False) -> Self:
-        """A store in any SQLAlchemy database; ``create=True`` makes the tables if missing."""
+        """A store in any SQLAlchemy database; ``create=True`` makes the tables if missing.
+
+        ``postgresql://`` (and ``postgres://``) URLs use the psycopg 3 driver, so several
+        servers on several hosts can share the records through PostgreSQL.
+        """
+        if isinstance(url, str):
+            for prefix in ("postgresql://", "postgres://"):
+                if url.startswith(prefix):
+                    url = "postgresql+psycopg://" + url[len(prefix) :]
         try:
             engine = sa.create_engine(url, pool_pre_ping=True)
         except (sa.exc.SQLAlchemyError, ValueError) as exc:

@@ -267,7 +267,8 @@ class NodePoolServer:
             raise StartupError(str(exc)) from None
         store: CertificateStore | None = None
         try:
-            store = CertificateStore.open(pki_dir)
+            url = self.settings.pki_database_url
+            store = CertificateStore.from_url(url) if url else CertificateStore.open(pki_dir)
             authority = CertificateAuthority.open(pki_dir, passphrase, store=store)
         except PkiError as exc:
             if store is not None:
