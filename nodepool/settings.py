@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,20 @@ def _parse_str(name: str, raw: object) -> str:
     if not isinstance(raw, str):
         raise SettingsError(f"{name}: must be a string, got {raw!r}")
     return raw.strip()
+
+
+def _parse_required_str(name: str, raw: object) -> str:
+    value = _parse_str(name, raw)
+    if not value:
+        raise SettingsError(f"{name}: must not be empty")
+    return value
+
+
+def _parse_namespace(name: str, raw: object) -> str:
+    value = _parse_str(name, raw)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise SettingsError(f"{name}: must be 1-64 letters, digits, '.', '_' or '-'")
+    return value
 
 
 def _parse_optional_str(name: str, raw: object) -> str | None:
@@ -156,8 +171,8 @@ class Settings:
     # Keys for several instances must be shared: the same files in each instance's dir.
     jwt_key_dir: Path | None = field(default=None, metadata={"parse": _parse_optional_path})
     jwt_algorithm: str = field(default="EdDSA", metadata={"parse": _parse_jwt_algorithm})
-    token_issuer: str = field(default="nodepool", metadata={"parse": _parse_str})
-    token_audience: str = field(default="nodepool", metadata={"parse": _parse_str})
+    token_issuer: str = field(default="nodepool", metadata={"parse": _parse_required_str})
+    token_audience: str = field(default="nodepool", metadata={"parse": _parse_required_str})
     access_token_ttl: int = field(default=600, metadata={"parse": _parse_int(30, 86400)})
     refresh_token_ttl: int = field(
         default=30 * 86400, metadata={"parse": _parse_int(300, 365 * 86400)}
@@ -167,19 +182,23 @@ class Settings:
     login_attempts_per_user_per_minute: int = field(
         default=10, metadata={"parse": _parse_int(1, 100000)}
     )
-    # Raise it when many users share one address (a NAT, a proxy).
+    # Raise these when many users share one address (a NAT, a proxy).
     login_attempts_per_peer_per_minute: int = field(
         default=30, metadata={"parse": _parse_int(1, 100000)}
     )
+    registrations_per_peer_per_minute: int = field(
+        default=10, metadata={"parse": _parse_int(1, 100000)}
+    )
     # argon2id cost; the defaults are RFC 9106's second recommended profile.
     password_hash_time_cost: int = field(default=3, metadata={"parse": _parse_int(1, 100)})
+    # argon2 needs at least 8 KiB per lane, and the hasher uses 4 lanes.
     password_hash_memory_kib: int = field(
-        default=65536, metadata={"parse": _parse_int(8, 4 * 1024 * 1024)}
+        default=65536, metadata={"parse": _parse_int(32, 4 * 1024 * 1024)}
     )
     policy_dir: Path | None = field(default=None, metadata={"parse": _parse_optional_path})
     # Prefix of every cache key and channel, so instances of different pools can share
     # one Redis without seeing each other.
-    cache_namespace: str = field(default="nodepool", metadata={"parse": _parse_str})
+    cache_namespace: str = field(default="nodepool", metadata={"parse": _parse_namespace})
     log_level: str = field(default="INFO", metadata={"parse": _parse_log_level})
 
     def __post_init__(self) -> None:

@@ -42,8 +42,11 @@ NODE_ROLE = "node"
 _NODE_ROLES = frozenset({NODE_ROLE})
 _DEVICE_ROLES = frozenset({DEVICE_ROLE})
 _INVALID = "invalid or expired credential"
-# A cached admission is re-checked at least this often even without any announcement.
-_ADMITTED_SECONDS = 60.0
+# Cached users, keys and admissions are re-read at least this often even when no change
+# is announced, so a lost announcement cannot keep a revoked credential alive for long.
+_ADMITTED_SECONDS = 10.0
+# Wide enough to cover several missed polls.
+_SESSION_POLL_WINDOW = timedelta(seconds=30)
 _MAX_ADMITTED = 100_000
 
 K = TypeVar("K")
@@ -99,7 +102,7 @@ class UserDirectory:
         self,
         load: Callable[[str], Awaitable[UserSnapshot | None]],
         *,
-        ttl: float = 60.0,
+        ttl: float = _ADMITTED_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._load = load
@@ -131,7 +134,7 @@ class ApiKeyDirectory:
         load: Callable[[str], Awaitable[ApiKeyRecord | None]],
         touch: Callable[[dict[str, datetime]], Awaitable[None]],
         *,
-        ttl: float = 60.0,
+        ttl: float = _ADMITTED_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._load = load
@@ -157,7 +160,12 @@ class ApiKeyDirectory:
     async def flush_last_used(self) -> None:
         if self._last_used:
             batch, self._last_used = self._last_used, {}
-            await self._touch(batch)
+            try:
+                await self._touch(batch)
+            except Exception:
+                # Keep the times for the next flush; newer uses win.
+                self._last_used = batch | self._last_used
+                raise
 
     def forget(self, lookup_id: str) -> None:
         self._cache.forget(lookup_id)
@@ -188,15 +196,29 @@ class SessionDenyList:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._revoked
 
-    def add(self, session_id: str) -> None:
+    def add(self, session_id: str) -> bool:
+        """Records a revoked session; True when it was not known yet."""
+        known = session_id in self._revoked
         self._revoked[session_id] = self._clock() + self._keep_for.total_seconds()
         if len(self._revoked) % 1024 == 0:
             self._expire()
+        return not known
 
     async def resync(self) -> None:
         for session_id in await self._load(datetime.now(UTC) - self._keep_for):
             self.add(session_id)
         self._expire()
+
+    async def load_recent(self, window: timedelta) -> bool:
+        """Adds sessions revoked in the last ``window``; True when any was new.
+
+        The backstop for a lost announcement (a publisher that died between its commit
+        and its publish): every revocation is in the database, and this reads it.
+        """
+        added = False
+        for session_id in await self._load(datetime.now(UTC) - window):
+            added = self.add(session_id) or added
+        return added
 
     def _expire(self) -> None:
         now = self._clock()
@@ -242,6 +264,11 @@ class CredentialResolver:
 
     async def _resync_admitted(self) -> None:
         self._forget_admitted("")
+
+    async def poll_revoked_sessions(self) -> None:
+        """Reads recent session revocations from the database (run about once a second)."""
+        if await self._sessions.load_recent(_SESSION_POLL_WINDOW):
+            self._forget_admitted("")
 
     def __call__(self, call: Any) -> Awaitable[None] | None:
         peer = call.peer

@@ -3,9 +3,10 @@
 Logging out, revoking an API key or changing a user's roles happens on one instance; the
 others hold caches of sessions, keys and users that must forget the old state within
 moments. Each change is published on one cache channel (Redis pub/sub across instances,
-in-process without Redis). While the subscription is down, nothing can be known about
-changes made elsewhere, so :attr:`AuthEvents.healthy` turns false and the credential
-stage fails closed; when it comes back every cache is reloaded before calls pass again.
+in-process without Redis). While the subscription is down, :attr:`AuthEvents.healthy` is
+false and the credential stage fails closed; when it comes back every cache is reloaded
+before calls pass again. Announcements are the fast path only: revoked sessions are also
+read from the database every second, and cached users and keys expire after seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class AuthEvent(enum.StrEnum):
     USER_CHANGED = "user"
 
 
-Handler = Callable[[str], None]
+Handler = Callable[[str], object]
 Resync = Callable[[], Awaitable[None]]
 
 
@@ -55,10 +56,9 @@ class AuthEvents:
         try:
             await self._cache.publish(AUTH_EVENTS_CHANNEL, f"{kind}:{subject}".encode())
         except CacheUnavailable:
-            # Other instances cannot hear it; make this one fail closed too until the
-            # subscription is re-established and everything is reloaded.
-            _log.warning("cannot publish a credential change; failing closed until resync")
-            self.healthy = False
+            # The change is committed; other instances learn it from the database instead:
+            # sessions within a second, users and API keys within their cache lifetime.
+            _log.warning("cannot announce a credential change; others will read it later")
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Listens forever, resubscribing (and resyncing) after any failure."""

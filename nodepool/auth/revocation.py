@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Protocol
 
 from nodepool.errors import UnauthenticatedError, UnavailableError
@@ -59,12 +60,17 @@ class RevocationList:
             self._version = version
         self._fresh_until = self._clock() + self._max_staleness
 
-    async def keep_fresh(self, interval: float) -> None:
-        """Refreshes forever; failures are logged and leave the list to go stale."""
+    async def keep_fresh(self, interval: float, executor: Executor | None = None) -> None:
+        """Refreshes forever; failures are logged and leave the list to go stale.
+
+        Give it its own ``executor``: behind a queue of slow work (password hashing) the
+        list would go stale and every call would be refused.
+        """
         failing = False
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                await asyncio.to_thread(self.refresh)
+                await loop.run_in_executor(executor, self.refresh)
                 if failing:
                     _log.warning("revocation state readable again")
                 failing = False

@@ -94,7 +94,8 @@ class RedisCache(Cache):
             url,
             socket_connect_timeout=5.0,
             socket_timeout=5.0,
-            health_check_interval=30,
+            # A dead pub/sub connection is noticed within seconds, not half a minute.
+            health_check_interval=2,
         )
         return cls(client, namespace=namespace)
 

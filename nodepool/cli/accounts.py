@@ -278,11 +278,14 @@ def user_create_admin(
         store = open_store(settings.database_url)
     except StoreError as exc:
         raise CommandError(f"database: cannot open ({exc})") from None
+    hasher = password_hasher(settings)
+
+    async def hash_password(password: str) -> str:
+        return await asyncio.to_thread(hasher.hash, password)
+
     try:
         created = asyncio.run(
-            register_account(
-                store, password_hasher(settings), username, password, email, (USER, ADMIN)
-            )
+            register_account(store, hash_password, username, password, email, (USER, ADMIN))
         )
     except NodePoolError as exc:
         raise CommandError(exc.public_message) from None

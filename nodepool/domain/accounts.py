@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn, ParamSpec, TypeVar
@@ -68,6 +68,9 @@ class LoginPolicy:
     lockout: timedelta = timedelta(minutes=15)
     attempts_per_user_per_minute: int = 10
     attempts_per_peer_per_minute: int = 30
+    registrations_per_peer_per_minute: int = 10
+    # Password hashes computed at once; keep it below the server's worker threads.
+    concurrent_hashes: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,7 @@ def _bounded(value: str, field: str, limit: int = _MAX_FIELD) -> str:
 
 async def register_account(
     store: Store,
-    hasher: PasswordHasher,
+    hash_password: Callable[[str], Awaitable[str]],
     username: str,
     password: str,
     email: str,
@@ -105,7 +108,7 @@ async def register_account(
     username = validate_username(_bounded(username, "username"))
     validate_password(_bounded(password, "password"), username=username)
     email = validate_email(_bounded(email, "email"))
-    password_hash = await asyncio.to_thread(hasher.hash, password)
+    password_hash = await hash_password(password)
     try:
         return await asyncio.to_thread(
             store.create_user, username, password_hash, email=email or None, roles=tuple(roles)
@@ -139,6 +142,7 @@ class Accounts:
         self._login = login_policy
         self._api_key_ttl = api_key_ttl
         self._api_key_max_ttl = api_key_max_ttl
+        self._hash_slots = asyncio.Semaphore(login_policy.concurrent_hashes)
 
     async def _db(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -148,37 +152,64 @@ class Accounts:
 
     # -- registration and login -----------------------------------------------------------
 
-    async def register(self, username: str, password: str, email: str) -> UserRecord:
-        return await register_account(self._store, self._hasher, username, password, email)
+    async def register(
+        self, username: str, password: str, email: str, peer_host: str
+    ) -> UserRecord:
+        # Sign-up says when a name is taken (it must) and costs a password hash, so it is
+        # rate limited per address like login.
+        if await self._cache.hit(f"register:peer:{peer_host}", 60) > (
+            self._login.registrations_per_peer_per_minute
+        ):
+            raise ResourceExhaustedError("too many sign-ups; try again later")
+
+        async def hash_password(password: str) -> str:
+            return await self._hashing(self._hasher.hash, password)
+
+        return await register_account(self._store, hash_password, username, password, email)
+
+    async def _hashing(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """argon2 work, a few at a time: it takes 64 MiB and a core for ~0.1 s each, and
+        must never occupy every worker thread the rest of the server needs."""
+        async with self._hash_slots:
+            return await asyncio.to_thread(function, *args, **kwargs)
 
     async def login(self, username: str, password: str, peer_host: str) -> Session:
         if not username or not password:
             raise InvalidArgumentError("username and password are required")
         _bounded(username, "username", 64)
         _bounded(password, "password")
-        key = username.lower()
+        # Counters and the lock are keyed by the canonical name. A name no account could
+        # have (outside the username rules, e.g. a long s, U+017F, for an "s", which the
+        # database's case folding would match to the plain name) fails under its own key.
+        try:
+            key: str | None = validate_username(username)
+        except InvalidArgumentError:
+            key = None
+        counter_key = key or username.casefold()
         if await self._cache.hit(f"login:peer:{peer_host}", 60) > (
             self._login.attempts_per_peer_per_minute
         ):
             raise ResourceExhaustedError("too many login attempts; try again later")
-        if await self._cache.hit(f"login:user:{key}", 60) > (
+        if await self._cache.hit(f"login:user:{counter_key}", 60) > (
             self._login.attempts_per_user_per_minute
         ):
             raise ResourceExhaustedError("too many login attempts; try again later")
         # The lock is kept in the cache for existing and unknown names alike, so being
         # locked out says nothing about whether the account exists.
-        if await self._cache.get(f"login:locked:{key}") is not None:
+        if await self._cache.get(f"login:locked:{counter_key}") is not None:
             raise ResourceExhaustedError("too many failed logins; try again later")
 
-        try:
-            user: UserRecord | None = await self._db(self._store.get_user, username)
-        except NotFound:
-            user = None
+        user: UserRecord | None = None
+        if key is not None:
+            try:
+                user = await self._db(self._store.get_user, key)
+            except NotFound:
+                user = None
         if user is None:
-            await asyncio.to_thread(self._hasher.dummy_verify, password)
-            await self._failed_login(key)
-        if not await asyncio.to_thread(self._hasher.verify, user.password_hash, password):
-            await self._failed_login(key)
+            await self._hashing(self._hasher.dummy_verify, password)
+            await self._failed_login(counter_key)
+        if not await self._hashing(self._hasher.verify, user.password_hash, password):
+            await self._failed_login(counter_key)
         if not user.is_active:
             # Same answer as a wrong password: a disabled account is not confirmed.
             raise UnauthenticatedError(_LOGIN_FAILED)
@@ -186,7 +217,7 @@ class Accounts:
         await self._cache.delete(f"login:failures:{key}")
         await self._db(self._store.record_login_success, user.username)
         if self._hasher.needs_rehash(user.password_hash):
-            new_hash = await asyncio.to_thread(self._hasher.hash, password)
+            new_hash = await self._hashing(self._hasher.hash, password)
             await self._db(self._store.update_user_fields, user.username, password_hash=new_hash)
         return await self._new_session(user.username)
 
@@ -281,7 +312,7 @@ class Accounts:
     def _target(self, actor: Principal, username: str) -> str:
         """The account a call is about: the caller's own, or any for an administrator."""
         assert actor.username is not None
-        if not username or username.lower() == actor.username.lower():
+        if not username or username.casefold() == actor.username.casefold():
             return actor.username
         if ADMIN not in actor.roles:
             # Same answer whether or not that user exists.
@@ -311,12 +342,12 @@ class Accounts:
             validate_password(_bounded(new_password, "new_password"), username=user.username)
             if target == actor.username:
                 # Even with a live session, changing the password needs the old one.
-                ok = await asyncio.to_thread(
+                ok = await self._hashing(
                     self._hasher.verify, user.password_hash, _bounded(current_password, "pw")
                 )
                 if not ok:
                     raise PermissionDeniedError("current password is wrong")
-            password_hash = await asyncio.to_thread(self._hasher.hash, new_password)
+            password_hash = await self._hashing(self._hasher.hash, new_password)
         email_value = UNSET if email is None else (validate_email(_bounded(email, "email")) or None)
         updated = await self._db(
             self._store.update_user_fields,
@@ -379,7 +410,7 @@ class Accounts:
     async def set_active(self, actor: Principal, username: str, active: bool) -> UserRecord:
         assert actor.username is not None
         username = _bounded(username, "username", 64)
-        if not active and username.lower() == actor.username.lower():
+        if not active and username.casefold() == actor.username.casefold():
             raise FailedPreconditionError("you cannot deactivate your own account")
         try:
             user = await self._db(self._store.update_user_fields, username, is_active=active)

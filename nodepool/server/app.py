@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -70,6 +71,7 @@ SERVICE_NAMES = (
 _REVOCATION_POLL_SECONDS = 0.25
 _REVOCATION_MAX_STALENESS = 5.0
 _AUDIT_FLUSH_SECONDS = 0.5
+_SESSION_POLL_SECONDS = 1.0
 _POLICY_RELOAD_SECONDS = 2.0
 _SIGNING_KEY_RELOAD_SECONDS = 5.0
 _API_KEY_TOUCH_SECONDS = 30.0
@@ -98,6 +100,7 @@ class NodePoolServer:
         self._store: Store | None = None
         self._authority: CertificateAuthority | None = None
         self._cache: Cache | None = None
+        self._poll_executor: ThreadPoolExecutor | None = None
         self._audit: AuditTrail | None = None
         # grpc_health exports its asyncio servicer as health.aio; the stubs predate it.
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -150,7 +153,10 @@ class NodePoolServer:
         except SigningKeyError as exc:
             raise StartupError(f"NODEPOOL_JWT_KEY_DIR: {exc}") from None
 
-        auth = build_auth(settings, store, cache, keys)
+        # Revocation reads get threads of their own: they must never wait behind a queue
+        # of password hashes, or the revocation list would go stale and fail closed.
+        self._poll_executor = ThreadPoolExecutor(2, thread_name_prefix="nodepool-revocations")
+        auth = build_auth(settings, store, cache, keys, self._poll_executor)
 
         async def append_audit(entries: Sequence[AuditEntry]) -> None:
             await asyncio.to_thread(store.append_audit, entries)
@@ -205,8 +211,12 @@ class NodePoolServer:
         # Credential caches are filled and subscribed before the first call is taken.
         events_ready = asyncio.Event()
         self._spawn(auth.events.run(events_ready))
-        await asyncio.wait_for(events_ready.wait(), timeout=30)
-        self._spawn(revocations.keep_fresh(_REVOCATION_POLL_SECONDS))
+        try:
+            await asyncio.wait_for(events_ready.wait(), timeout=30)
+        except TimeoutError:
+            raise StartupError("cannot subscribe to credential changes in the cache") from None
+        self._spawn(revocations.keep_fresh(_REVOCATION_POLL_SECONDS, self._poll_executor))
+        self._spawn(_every(_SESSION_POLL_SECONDS, auth.credentials.poll_revoked_sessions))
         self._spawn(tls.watch(settings.tls_reload_interval))
         self._spawn(audit.run(_AUDIT_FLUSH_SECONDS))
         self._spawn(policy.watch(_POLICY_RELOAD_SECONDS))
@@ -248,6 +258,9 @@ class NodePoolServer:
         if self._authority is not None:
             await asyncio.to_thread(self._authority.close)
             self._authority = None
+        if self._poll_executor is not None:
+            self._poll_executor.shutdown(wait=False, cancel_futures=True)
+            self._poll_executor = None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,8 +27,9 @@ from nodepool.auth.tokens import (
 )
 from nodepool.cache import Cache
 from nodepool.domain.accounts import Accounts, LoginPolicy
+from nodepool.errors import UnavailableError
 from nodepool.settings import Settings
-from nodepool.store import ApiKeyRecord, NotFound, Store
+from nodepool.store import ApiKeyRecord, NotFound, Store, StoreUnavailable
 
 __all__ = ["AuthParts", "SigningKeyWatcher", "build_auth", "password_hasher", "token_config"]
 
@@ -103,7 +105,14 @@ def password_hasher(settings: Settings) -> PasswordHasher:
     )
 
 
-def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys) -> AuthParts:
+def build_auth(
+    settings: Settings,
+    store: Store,
+    cache: Cache,
+    keys: SigningKeys,
+    poll_executor: Executor | None = None,
+) -> AuthParts:
+    """``poll_executor`` runs the revocation reads, apart from the call path's threads."""
     config = token_config(settings)
     verifier = TokenVerifier(keys, config)
     issuer = TokenIssuer(keys, config)
@@ -114,6 +123,8 @@ def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys
             user = await asyncio.to_thread(store.get_user, username)
         except NotFound:
             return None
+        except StoreUnavailable:
+            raise UnavailableError("credential status cannot be verified right now") from None
         return UserSnapshot(user.username, user.roles, user.is_active)
 
     async def load_api_key(lookup_id: str) -> ApiKeyRecord | None:
@@ -121,6 +132,8 @@ def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys
             return await asyncio.to_thread(store.get_api_key_by_lookup_id, lookup_id)
         except NotFound:
             return None
+        except StoreUnavailable:
+            raise UnavailableError("credential status cannot be verified right now") from None
 
     async def touch_api_keys(used: dict[str, datetime]) -> None:
         def touch_all() -> None:
@@ -133,7 +146,8 @@ def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys
         await asyncio.to_thread(touch_all)
 
     async def revoked_sessions(since: datetime) -> list[str]:
-        return await asyncio.to_thread(store.list_sessions_revoked_since, since)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(poll_executor, store.list_sessions_revoked_since, since)
 
     api_keys = ApiKeyDirectory(load_api_key, touch_api_keys)
     credentials = CredentialResolver(
@@ -158,6 +172,7 @@ def build_auth(settings: Settings, store: Store, cache: Cache, keys: SigningKeys
             lockout=timedelta(seconds=settings.login_lockout_seconds),
             attempts_per_user_per_minute=settings.login_attempts_per_user_per_minute,
             attempts_per_peer_per_minute=settings.login_attempts_per_peer_per_minute,
+            registrations_per_peer_per_minute=settings.registrations_per_peer_per_minute,
         ),
     )
     watcher = SigningKeyWatcher(settings.jwt_keys, issuer, verifier)

@@ -21,8 +21,13 @@ from nodepool.auth.authorization import Authorizer
 from nodepool.auth.certificates import PeerCertificateCache
 from nodepool.auth.principal import CURRENT_PRINCIPAL, PeerIdentity, Principal
 from nodepool.auth.revocation import RevocationList
-from nodepool.auth.rules import MethodRule
-from nodepool.errors import NodePoolError, PermissionDeniedError, UnauthenticatedError
+from nodepool.auth.rules import Access, MethodRule
+from nodepool.errors import (
+    NodePoolError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from nodepool.server.status import status_for
 
 __all__ = [
@@ -138,8 +143,26 @@ class CallPipeline:
     def guard(self, method: str, handler: _Handler) -> _Handler:
         rule = self._method_rules.get(method)
         if rule is None:
-            return _refusing_handler(handler, PermissionDeniedError("method not allowed"))
+            return self._refusing_handler(handler, method)
         return self._wrap(handler, method, rule)
+
+    def _refusing_handler(self, handler: _Handler, method: str) -> _Handler:
+        error = PermissionDeniedError("method not allowed")
+        rule = MethodRule(Access.USER, audited=True)
+        auditor = self._auditor
+
+        async def refuse(request: Any, context: _Context) -> Any:
+            auditor.refused(Call(method=method, rule=rule, context=context), error)
+            await context.abort(status_for(error), error.public_message)
+
+        if handler.response_streaming:
+
+            async def refuse_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
+                await refuse(request, context)
+                yield None  # pragma: no cover - abort raises
+
+            return _replace_behaviour(handler, refuse_stream)
+        return _replace_behaviour(handler, refuse)
 
     def _wrap(self, handler: _Handler, method: str, rule: MethodRule) -> _Handler:
         stages = self._stages
@@ -166,6 +189,10 @@ class CallPipeline:
                             await pending
                 except NodePoolError as error:
                     await refuse(call, error)
+                except Exception:
+                    # A stage that cannot decide must not let the call through, nor leak why.
+                    _log.exception("call refused: a check failed unexpectedly")
+                    await refuse(call, UnavailableError())
                 token = CURRENT_PRINCIPAL.set(call.principal)  # type: ignore[arg-type]
                 try:
                     response = await behaviour(request, context)
@@ -193,6 +220,10 @@ class CallPipeline:
                         await pending
             except NodePoolError as error:
                 await refuse(call, error)
+            except Exception:
+                # A stage that cannot decide must not let the call through, nor leak why.
+                _log.exception("call refused: a check failed unexpectedly")
+                await refuse(call, UnavailableError())
             token = CURRENT_PRINCIPAL.set(call.principal)  # type: ignore[arg-type]
             try:
                 result = stream_behaviour(request, context)
@@ -270,17 +301,3 @@ def _replace_behaviour(handler: _Handler, behaviour: Any) -> _Handler:
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
-
-
-def _refusing_handler(handler: _Handler, error: NodePoolError) -> _Handler:
-    async def refuse(request: Any, context: _Context) -> Any:
-        await context.abort(status_for(error), error.public_message)
-
-    if handler.response_streaming:
-
-        async def refuse_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
-            await context.abort(status_for(error), error.public_message)
-            yield None  # pragma: no cover - abort raises
-
-        return _replace_behaviour(handler, refuse_stream)
-    return _replace_behaviour(handler, refuse)

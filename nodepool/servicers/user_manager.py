@@ -44,7 +44,9 @@ class UserManagerServicer(pb_grpc.UserManagerServicer):
         self, request: pb.RegisterUserRequest, context: _Context
     ) -> pb.RegisterUserResponse:
         async with translate_errors(context):
-            user = await self._accounts.register(request.username, request.password, request.email)
+            user = await self._accounts.register(
+                request.username, request.password, request.email, _peer_host(context)
+            )
         return pb.RegisterUserResponse(success=True, message="registered", user=user_message(user))
 
     async def LoginUser(

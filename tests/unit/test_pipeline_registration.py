@@ -102,3 +102,43 @@ def test_a_refusing_stage_stops_the_call_before_the_servicer() -> None:
 
     assert asyncio.run(call_check()) == grpc.StatusCode.UNAUTHENTICATED
     assert auditor.refusals == [(CHECK, "no entry")]
+
+
+def test_a_failing_stage_fails_closed_without_leaking() -> None:
+    def broken(call: Call) -> None:
+        raise RuntimeError("connection to /var/lib/db failed: SELECT secret")
+
+    auditor = RecordingAuditor()
+    pipeline = _pipeline([broken], auditor)
+
+    async def call_check() -> tuple[grpc.StatusCode, str]:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(
+            health.aio.HealthServicer(),  # type: ignore[attr-defined]
+            pipeline.guarded(server),
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                try:
+                    await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=10
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code(), exc.details() or ""
+            raise AssertionError("the call went through")
+        finally:
+            await server.stop(None)
+
+    code, details = asyncio.run(call_check())
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "/" not in details
+    assert "SELECT" not in details
+    assert [method for method, _ in auditor.refusals] == [CHECK]
+
+
+def test_a_registered_method_missing_from_the_table_is_audited() -> None:
+    auditor = RecordingAuditor()
+    asyncio.run(_serve_and_call(_pipeline([], auditor)))
+    assert (LIST, "method not allowed") in auditor.refusals
