@@ -50,6 +50,29 @@ class CertificateFiles:
     key: Path
     ca: Path
 
+    @property
+    def previous_key(self) -> Path:
+        return self.key.with_name(self.key.name + ".prev")
+
+    def recover(self) -> None:
+        """Finishes or undoes a renewal that a crash interrupted between its two renames.
+
+        The old key is kept as ``<key>.prev`` until the new certificate is in place; if the
+        key on disk does not match the certificate, the old key goes back.
+        """
+        if not self.previous_key.exists():
+            return
+        try:
+            key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+            matches = key.public_key() == self.load().public_key()
+        except (OSError, ValueError, TypeError):
+            matches = False
+        if matches:
+            self.previous_key.unlink()
+        else:
+            os.replace(self.previous_key, self.key)
+            _log.warning("an interrupted renewal was rolled back to the previous key")
+
     def load(self) -> x509.Certificate:
         try:
             return x509.load_pem_x509_certificate(self.cert.read_bytes())
@@ -87,6 +110,7 @@ def _certificate_signing_request(
 
 
 def _prepare(files: CertificateFiles) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, bytes]:
+    files.recover()
     current = files.load()
     key = ec.generate_private_key(ec.SECP256R1())
     try:
@@ -115,12 +139,15 @@ def _install(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # Both files are complete on disk before either replaces the old one, so a crash
-    # leaves at worst a new key beside the old certificate, never a torn file.
+    # Both files are complete on disk before either replaces the old one, and the old key
+    # stays as <key>.prev until the new certificate is in place: a crash in between is
+    # rolled back by CertificateFiles.recover(), never left as a mismatched pair.
     staged_key = _stage(files.key, key_pem, 0o600)
     staged_cert = _stage(files.cert, reply.certificate_pem, 0o644)
+    os.replace(_stage(files.previous_key, files.key.read_bytes(), 0o600), files.previous_key)
     os.replace(staged_key, files.key)
     os.replace(staged_cert, files.cert)
+    files.previous_key.unlink()
     if reply.ca_pem:
         os.replace(_stage(files.ca, reply.ca_pem, 0o644), files.ca)
     return renewed
@@ -164,13 +191,17 @@ async def keep_renewed(
     certificate keeps working until it expires.
     """
     while True:
-        due = renewal_due_at(files.load())
-        wait = (due - datetime.now(UTC)).total_seconds()
-        if wait > 0:
-            await asyncio.sleep(wait)
         try:
+            due = renewal_due_at(files.load())
+            wait = (due - datetime.now(UTC)).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(wait)
             renewed = await _renew_async(files, target)
-        except (RenewalError, ClientConfigError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Whatever went wrong (server away, files unreadable), the current certificate
+            # keeps working until it expires; keep trying rather than stop renewing.
             _log.warning("certificate renewal failed: %s", exc)
             await asyncio.sleep(retry_after)
             continue

@@ -59,6 +59,7 @@ def _on_renewed(certificate: x509.Certificate) -> None:
 
 async def run_worker(files: CertificateFiles, target: str | None, stop: asyncio.Event) -> None:
     """Runs until ``stop`` is set. Raises :class:`WorkerError` when it cannot start."""
+    files.recover()
     certificate = files.load()
     node_id = _node_id(certificate)
     if certificate.not_valid_after_utc <= datetime.now(UTC):

@@ -14,9 +14,9 @@ There is deliberately no ``typ`` claim: one source of truth, nothing to disagree
 Keys. A directory holds ``<kid>.pem`` private keys (PKCS#8, Ed25519 for EdDSA or P-256 for
 ES256; both kinds may coexist after switching algorithm) and a file ``current`` naming the
 signing kid. Rotating writes a new key and points ``current`` at it; old keys stay so the
-tokens they signed remain valid until they expire. A running process never re-reads the
-directory: a rotation takes effect (for signing and for verifying) at the next start, so
-every instance sharing the directory must be restarted after rotating.
+tokens they signed remain valid until they expire. ``SigningKeys`` itself is immutable;
+the server watches the directory and hands a new set to ``TokenIssuer.use_keys`` and
+``TokenVerifier.use_keys`` (``nodepool.server.auth.SigningKeyWatcher``).
 
 Algorithms are pinned per key: a token is checked only with the algorithm of the key its
 ``kid`` names, so ``alg: none``, HMAC-with-the-public-key and cross-algorithm tricks fail.
@@ -263,7 +263,7 @@ class SigningKeys:
     def rotate(directory: Path, algorithm: str = "EdDSA") -> str:
         """Writes a new key, makes it current and returns its kid.
 
-        Running servers keep signing with the key they loaded until restarted.
+        Running servers pick it up within seconds (they watch the directory).
         """
         private_key = _generate(algorithm)
         kid = secrets.token_hex(8)
@@ -449,6 +449,8 @@ class TokenVerifier:
         self._keys = self._verification_keys(keys)
         self._config = config
         self._leeway = config.leeway
+        self._access_seconds = config.access_ttl.total_seconds()
+        self._refresh_seconds = config.refresh_ttl.total_seconds()
         self._clock = clock
         self._cache_size = cache_size
         # Only successful verifications are cached, so garbage cannot grow it, and it is
@@ -464,10 +466,14 @@ class TokenVerifier:
     def use_keys(self, keys: SigningKeys) -> None:
         """Accepts tokens signed by any of ``keys`` from now on (one atomic swap).
 
-        Cached verifications stay: a token's signature does not stop being valid because a
-        newer key appeared, and a pruned key's tokens have expired by then.
+        Cached verifications stay when keys are only added; when a key is removed (it may
+        have leaked) every cached verification is dropped and re-checked.
         """
-        self._keys = self._verification_keys(keys)
+        new_keys = self._verification_keys(keys)
+        removed = not self._keys.keys() <= new_keys.keys()
+        self._keys = new_keys
+        if removed:
+            self._cache.clear()
 
     def verify_access(self, token: str) -> AccessClaims:
         try:
@@ -533,10 +539,10 @@ class TokenVerifier:
             raise InvalidToken("malformed") from None
         if not isinstance(payload, dict):
             raise InvalidToken("malformed")
-        self._check_claims(payload)
+        self._check_claims(payload, typ)
         return payload
 
-    def _check_claims(self, payload: dict[str, Any]) -> None:
+    def _check_claims(self, payload: dict[str, Any], typ: str) -> None:
         for name in _REQUIRED_CLAIMS:
             if name not in payload:
                 raise InvalidToken("missing-claim")
@@ -557,3 +563,8 @@ class TokenVerifier:
             raise InvalidToken("expired")
         if nbf > now + self._leeway or iat > now + self._leeway:
             raise InvalidToken("not-yet-valid")
+        # We never issue longer lifetimes; a longer one was signed by someone else's hand
+        # (a leaked key) and must not outlive the key's removal in the cache.
+        lifetime = self._access_seconds if typ == ACCESS_TOKEN_TYPE else self._refresh_seconds
+        if exp - iat > lifetime + self._leeway:
+            raise InvalidToken("lifetime")

@@ -7,6 +7,7 @@ refreshed transparently with the refresh token, which rotates on every use.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -145,7 +146,13 @@ class Connection:
         if session is None:
             raise CommandError("not logged in (run: nodepool user login USERNAME)")
         if session.access_expired():
-            session = self._refresh(session)
+            # A refresh token works once: two commands refreshing at the same moment would
+            # look like a stolen token and end the session. One refreshes; the other waits
+            # and then finds the new tokens.
+            with _session_lock():
+                session = SavedSession.load() or session
+                if session.access_expired():
+                    session = self._refresh(session)
         return (("authorization", f"Bearer {session.access_token}"),)
 
     def _refresh(self, session: SavedSession) -> SavedSession:
@@ -163,6 +170,18 @@ class Connection:
         renewed = SavedSession.from_reply(session.server, session.username, reply)
         renewed.save()
         return renewed
+
+
+@contextmanager
+def _session_lock() -> Iterator[None]:
+    home = nodepool_home()
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(home / "session.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def describe(error: grpc.RpcError) -> str:

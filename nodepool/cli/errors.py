@@ -34,6 +34,10 @@ def run_command(command: click.Command, args: Sequence[str] | None = None) -> in
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130
+    except Exception as exc:
+        # Still one line; the type names the failure without a traceback.
+        click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))}", err=True)
+        return FAILURE_EXIT
     return result if isinstance(result, int) else 0
 
 

@@ -444,9 +444,10 @@ class Accounts:
             raise PermissionDeniedError("a key cannot have a role its owner does not hold")
         if not wanted <= actor.roles:
             raise PermissionDeniedError("you cannot give a key a role you do not hold")
-        ttl = timedelta(days=ttl_days) if ttl_days else self._api_key_ttl
-        if ttl > self._api_key_max_ttl:
+        # Compared as a number first: a huge value would overflow timedelta.
+        if ttl_days > self._api_key_max_ttl.days:
             raise InvalidArgumentError(f"ttl_days must be at most {self._api_key_max_ttl.days}")
+        ttl = timedelta(days=ttl_days) if ttl_days else self._api_key_ttl
         generated = generate_api_key()
         record = await self._db(
             self._store.create_api_key,

@@ -76,8 +76,8 @@ class SigningKeyWatcher:
             await asyncio.sleep(interval)
             try:
                 await asyncio.to_thread(self.reload_if_changed)
-            except OSError:
-                _log.exception("cannot read the token signing keys")
+            except Exception:
+                _log.exception("cannot read the token signing keys; will retry")
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,4 +134,7 @@ class TlsReloader:
     async def watch(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            await asyncio.to_thread(self.reload_if_changed)
+            try:
+                await asyncio.to_thread(self.reload_if_changed)
+            except Exception:
+                _log.exception("cannot check the server TLS files; will retry")

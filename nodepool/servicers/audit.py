@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
 from nodepool.domain.audit import AuditLog
+from nodepool.errors import InvalidArgumentError
 from nodepool.server.status import translate_errors
 from nodepool.servicers._convert import timestamp
 from nodepool.v1 import audit_pb2 as pb
@@ -16,6 +17,15 @@ from nodepool.v1 import audit_pb2_grpc as pb_grpc
 __all__ = ["AuditServicer"]
 
 _Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _since(request: pb.ListAuditEventsRequest) -> datetime | None:
+    if not request.HasField("since"):
+        return None
+    try:
+        return request.since.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgumentError("since is out of range") from None
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):
@@ -32,7 +42,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                 username=request.username or None,
                 method=request.method or None,
                 outcome=request.outcome or None,
-                since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
+                since=_since(request),
             )
         return pb.ListAuditEventsResponse(
             events=[

@@ -768,3 +768,29 @@ def test_unwritable_key_directory_is_a_signing_key_error(tmp_path: Path) -> None
     blocker.write_text("")
     with pytest.raises(SigningKeyError, match="cannot write"):
         SigningKeys.load_or_create(blocker / "jwt-keys")
+
+
+def test_a_lifetime_longer_than_we_issue_is_rejected(
+    key_dir: Path, keys: SigningKeys, verifier: TokenVerifier
+) -> None:
+    # Signed with our key but living a year: only a leaked key makes such a token.
+    token = sign(key_dir, keys.current_kid, claims(exp=int(T0) + 365 * 86400))
+    assert assert_invalid(lambda: verifier.verify_access(token)).reason == "lifetime"
+    refresh = sign(key_dir, keys.current_kid, claims(exp=int(T0) + 400 * 86400), typ="rt+jwt")
+    assert assert_invalid(lambda: verifier.verify_refresh(refresh)).reason == "lifetime"
+
+
+def test_removing_a_key_drops_the_tokens_it_verified_from_the_cache(
+    key_dir: Path, algorithm: str, clock: FakeClock
+) -> None:
+    old = SigningKeys.load_or_create(key_dir, algorithm)
+    verifier = TokenVerifier(old, CONFIG, clock=clock)
+    token = TokenIssuer(old, CONFIG, clock=clock).issue_access("alice", "s1").token
+    verifier.verify_access(token)
+    new_kid = SigningKeys.rotate(key_dir, algorithm)
+    verifier.use_keys(SigningKeys.load(key_dir))
+    assert verifier.verify_access(token).username == "alice"  # a rotation keeps old keys
+    (key_dir / f"{old.current_kid}.pem").unlink()
+    verifier.use_keys(SigningKeys.load(key_dir))
+    assert new_kid in SigningKeys.load(key_dir).kids
+    assert_invalid(lambda: verifier.verify_access(token))
