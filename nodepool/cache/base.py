@@ -57,16 +57,6 @@ class Cache(abc.ABC):
         again from 1. Atomic across every instance sharing the cache.
         """
 
-    # -- token deny-list ---------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def deny(self, token_id: str, ttl: float) -> None:
-        """Deny ``token_id`` for ``ttl`` seconds (use the token's remaining lifetime)."""
-
-    @abc.abstractmethod
-    async def is_denied(self, token_id: str) -> bool:
-        """Whether ``token_id`` is on the deny-list."""
-
     # -- heartbeat buffer --------------------------------------------------------------
 
     @abc.abstractmethod

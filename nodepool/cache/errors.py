@@ -11,4 +11,4 @@ class CacheError(Exception):
 
 class CacheUnavailable(CacheError):
     """The cache cannot be reached or failed. Security checks that depend on it (token
-    deny-list, revocation, rate limits) must fail closed."""
+    revocation, rate limits) must fail closed."""

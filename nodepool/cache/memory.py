@@ -18,7 +18,7 @@ from nodepool.cache.errors import CacheUnavailable
 __all__ = ["MemoryCache"]
 
 # Expired entries are also swept at most this often, so keys that are never read again
-# (deny-listed tokens, rate-limit counters of one-off peers) do not pile up.
+# (rate-limit counters of one-off peers) do not pile up.
 _SWEEP_INTERVAL = 5.0
 
 
@@ -96,15 +96,6 @@ class MemoryCache(Cache):
         assert isinstance(entry.value, int)
         entry.value += 1
         return entry.value
-
-    # -- token deny-list ----------------------------------------------------------------
-
-    async def deny(self, token_id: str, ttl: float) -> None:
-        self._live(f"deny:{token_id}")
-        self._entries[f"deny:{token_id}"] = _Entry(b"1", self._expiry(ttl))
-
-    async def is_denied(self, token_id: str) -> bool:
-        return self._live(f"deny:{token_id}") is not None
 
     # -- heartbeat buffer ---------------------------------------------------------------
 

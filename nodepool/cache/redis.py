@@ -139,18 +139,6 @@ class RedisCache(Cache):
             count = await self._hit(keys=[self._key("rl", key)], args=[window])
         return int(count)
 
-    # -- token deny-list ----------------------------------------------------------------
-
-    async def deny(self, token_id: str, ttl: float) -> None:
-        px = check_ttl(ttl)
-        with _translated():
-            await self._client.set(self._key("deny", token_id), b"1", px=px)
-
-    async def is_denied(self, token_id: str) -> bool:
-        with _translated():
-            found = await self._client.exists(self._key("deny", token_id))
-        return bool(found)
-
     # -- heartbeat buffer ---------------------------------------------------------------
 
     async def put_heartbeat(self, node_id: str, payload: bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from urllib.parse import unquote
@@ -42,8 +43,8 @@ class AuditTrail:
         max_buffer: int = 50_000,
     ) -> None:
         self._append = append
-        self._max_buffer = max_buffer
-        self._buffer: list[AuditEntry] = []
+        # Bounded: while the database is unreachable the oldest entries give way.
+        self._buffer: deque[AuditEntry] = deque(maxlen=max_buffer)
         self._dropped = 0
 
     def refused(self, call: Call, error: NodePoolError) -> None:
@@ -54,9 +55,7 @@ class AuditTrail:
             self._record(call, code, None)
 
     def _record(self, call: Call, code: grpc.StatusCode, reason: str | None) -> None:
-        if len(self._buffer) >= self._max_buffer:
-            # The database has been unreachable for a long time; keep the newest.
-            self._buffer.pop(0)
+        if len(self._buffer) == self._buffer.maxlen:
             self._dropped += 1
         detail = {"code": code.name}
         if reason:
@@ -78,12 +77,13 @@ class AuditTrail:
     async def flush(self) -> None:
         if not self._buffer:
             return
-        batch, self._buffer = self._buffer, []
+        batch = list(self._buffer)
+        self._buffer.clear()
         try:
             await self._append(batch)
         except Exception:
             # Put the batch back in front; the next flush retries it.
-            self._buffer[:0] = batch
+            self._buffer.extendleft(reversed(batch))
             raise
         if self._dropped:
             _log.error("audit buffer overflowed: %d entries were dropped", self._dropped)

@@ -57,7 +57,7 @@ async def test_invalid_ttl_is_refused(cache: Cache) -> None:
     with pytest.raises(ValueError, match="ttl"):
         await cache.set("k", b"v", ttl=0)
     with pytest.raises(ValueError, match="ttl"):
-        await cache.deny("t", -1)
+        await cache.set_if_absent("t", b"v", ttl=-1)
 
 
 async def test_namespaces_keep_instances_apart(cache: Cache, cache_peer: Cache) -> None:
@@ -83,18 +83,6 @@ async def test_hit_is_atomic_across_instances(cache: Cache, cache_peer: Cache) -
         *(c.hit("peer:10.0.0.1", 10) for _ in range(25) for c in (cache, cache_peer))
     )
     assert sorted(counts) == list(range(1, 51))
-
-
-# -- deny-list ---------------------------------------------------------------------------
-
-
-async def test_deny_list(cache: Cache, cache_peer: Cache) -> None:
-    assert not await cache.is_denied("jti-1")
-    await cache.deny("jti-1", SHORT_TTL)
-    assert await cache_peer.is_denied("jti-1")
-    assert not await cache.is_denied("jti-2")
-    await asyncio.sleep(PAST_TTL)
-    assert not await cache.is_denied("jti-1")
 
 
 # -- heartbeats --------------------------------------------------------------------------
@@ -243,7 +231,7 @@ async def test_unreachable_redis_raises_cache_unavailable() -> None:
         with pytest.raises(CacheUnavailable):
             await dead.ping()
         with pytest.raises(CacheUnavailable):
-            await dead.is_denied("jti")
+            await dead.get("jti")
         with pytest.raises(CacheUnavailable):
             await dead.hit("k", 1)
         with pytest.raises(CacheUnavailable):
@@ -259,7 +247,7 @@ async def test_closed_memory_cache_is_unavailable() -> None:
     with pytest.raises(CacheUnavailable):
         await memory.ping()
     with pytest.raises(CacheUnavailable):
-        await memory.is_denied("jti")
+        await memory.get("jti")
 
 
 async def test_factory_picks_the_backend(redis_url: str) -> None:

@@ -31,7 +31,7 @@ async def test_expired_entries_are_swept_without_being_read() -> None:
     clock = FakeMonotonic()
     cache = MemoryCache(clock=clock)
     for i in range(100):
-        await cache.deny(f"jti-{i}", 1)
+        await cache.set(f"jti-{i}", b"1", ttl=1)
     await cache.set("keep", b"v")
     clock.now += 60
     await cache.get("unrelated")
