@@ -1,13 +1,17 @@
-"""Sign-up is rate limited per address; look-alike names cannot dodge the login lock."""
+"""Limits and backstops: sign-up rate, look-alike names, revocations nobody announced."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
+import jwt
 import pytest
 
+from nodepool.v1 import user_manager_pb2
 from tests.fixtures.accounts import LOGIN_FAILED, PASSWORD, Account, Pool, refused, start_pool
+from tests.fixtures.server import bearer
 
 SIGN_UPS_PER_MINUTE = 3
 MAX_FAILURES = 2
@@ -52,3 +56,27 @@ def test_look_alike_spellings_share_the_lock_or_fail(pool: Pool) -> None:
         )
     # Locked under its canonical name, whatever the spelling.
     refused(lambda: pool.login(account), grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_a_session_revoked_without_announcement_is_refused_within_seconds(pool: Pool) -> None:
+    """The database is the backstop for a lost announcement (a publisher that died)."""
+    account = pool.new_user("quiet")
+    users = pool.users()
+    info = users.GetUserInfo(
+        user_manager_pb2.GetUserInfoRequest(), metadata=bearer(account.access), timeout=10
+    )
+    assert info.user.username == account.username
+    session_id = jwt.decode(account.access, options={"verify_signature": False})["sid"]
+    pool.store.revoke_session(session_id, reason="revoked elsewhere, never announced")
+
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        try:
+            users.GetUserInfo(
+                user_manager_pb2.GetUserInfoRequest(), metadata=bearer(account.access), timeout=10
+            )
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            return
+        time.sleep(0.1)
+    raise AssertionError("a revoked session kept working for 3 s")
