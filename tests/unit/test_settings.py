@@ -52,6 +52,12 @@ def test_config_file_named_by_environment(tmp_path: Path) -> None:
         ("NODEPOOL_NODE_TIMEOUT", "10", "NODEPOOL_NODE_TIMEOUT: must be longer"),
         ("NODEPOOL_TRUST_DOMAIN", "bad domain!", "NODEPOOL_TRUST_DOMAIN: must be a DNS-style"),
         ("NODEPOOL_LOG_LEVEL", "LOUD", "NODEPOOL_LOG_LEVEL: must be one of"),
+        ("NODEPOOL_TOKEN_ISSUER", "", "NODEPOOL_TOKEN_ISSUER: must not be empty"),
+        ("NODEPOOL_TOKEN_AUDIENCE", " ", "NODEPOOL_TOKEN_AUDIENCE: must not be empty"),
+        ("NODEPOOL_PASSWORD_HASH_MEMORY_KIB", "16", "NODEPOOL_PASSWORD_HASH_MEMORY_KIB: must be"),
+        ("NODEPOOL_CACHE_NAMESPACE", "a*b", "NODEPOOL_CACHE_NAMESPACE: must be 1-64"),
+        ("NODEPOOL_CACHE_NAMESPACE", "", "NODEPOOL_CACHE_NAMESPACE: must be 1-64"),
+        ("NODEPOOL_JWT_ALGORITHM", "HS256", "NODEPOOL_JWT_ALGORITHM: must be EdDSA or ES256"),
     ],
 )
 def test_invalid_values_name_the_setting(variable: str, value: str, expected: str) -> None:
