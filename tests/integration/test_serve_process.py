@@ -242,3 +242,29 @@ def test_sigterm_lets_an_in_flight_call_finish(serve_env: dict[str, str]) -> Non
     assert len(results) == 1
     assert not isinstance(results[0], grpc.RpcError), results[0]
     assert results[0].access_token  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("NODEPOOL_REDIS_URL", "redis://127.0.0.1:1/0", "error: NODEPOOL_REDIS_URL: Redis does"),
+        ("NODEPOOL_TRUST_DOMAIN", "other.test", "error: NODEPOOL_TRUST_DOMAIN: 'other.test'"),
+        ("NODEPOOL_POLICY_DIR", "/nonexistent", "error: NODEPOOL_POLICY_DIR: cannot load"),
+    ],
+)
+def test_serve_refuses_to_start_half_configured(
+    serve_env: dict[str, str], variable: str, value: str, expected: str
+) -> None:
+    result = subprocess.run(
+        [BIN / "nodepool", "serve"],
+        env=dict(serve_env, **{variable: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines, result.stderr
+    assert lines[0].startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr
