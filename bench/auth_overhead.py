@@ -63,6 +63,7 @@ from nodepool.auth.authorization import Authorizer, default_policy_dir
 from nodepool.auth.certificates import PeerCertificateCache
 from nodepool.auth.revocation import RevocationList
 from nodepool.auth.tokens import SigningKeys
+from nodepool.background import every, in_thread
 from nodepool.cache import create_cache
 from nodepool.server.audit import AuditTrail
 from nodepool.server.auth import build_auth
@@ -252,12 +253,12 @@ class BenchServers:
         self._spawn(auth.events.run(events_ready))
         await asyncio.wait_for(events_ready.wait(), timeout=30)
         self._spawn(revocations.keep_fresh(REVOCATION_POLL_SECONDS))
-        self._spawn(tls.watch(settings.tls_reload_interval))
-        self._spawn(self.audit.run(AUDIT_FLUSH_SECONDS))
-        self._spawn(policy.watch(POLICY_RELOAD_SECONDS))
+        self._spawn(every(settings.tls_reload_interval, in_thread(tls.reload_if_changed), "tls"))
+        self._spawn(every(AUDIT_FLUSH_SECONDS, self.audit.flush, "audit"))
+        self._spawn(every(POLICY_RELOAD_SECONDS, in_thread(policy.reload_if_changed), "policy"))
 
         # A real account and a real access token, through the real Accounts.
-        await auth.accounts.register(USERNAME, PASSWORD, "bench@example.com")
+        await auth.accounts.register(USERNAME, PASSWORD, "bench@example.com", "127.0.0.1")
         session = await auth.accounts.login(USERNAME, PASSWORD, "127.0.0.1")
         self.token = session.access_token
 

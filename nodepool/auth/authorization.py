@@ -11,7 +11,6 @@ the previous policy stays in force.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import sys
@@ -196,17 +195,6 @@ class Authorizer:
                 len(new_policy.roles),
             )
             return True
-
-    async def watch(self, interval: float) -> None:
-        """Forever: every ``interval`` seconds, reload the files if they changed."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                # File reads and Casbin's parsing stay off the event loop.
-                await asyncio.to_thread(self.reload_if_changed)
-            except Exception:
-                # A watcher that dies would silently freeze the policy: log and go on.
-                _log.exception("authorization policy watcher: reload failed")
 
     # -- loading -------------------------------------------------------------------------------
 

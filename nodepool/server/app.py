@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +17,7 @@ from nodepool.auth.authorization import Authorizer, default_policy_dir
 from nodepool.auth.certificates import PeerCertificateCache
 from nodepool.auth.revocation import RevocationList, RevocationSource
 from nodepool.auth.tokens import SigningKeyError, SigningKeys
+from nodepool.background import every, in_thread
 from nodepool.cache import Cache, CacheUnavailable, create_cache
 from nodepool.domain.audit import AuditLog
 from nodepool.domain.certificates import CertificateRenewal
@@ -75,15 +76,6 @@ _SESSION_POLL_SECONDS = 1.0
 _POLICY_RELOAD_SECONDS = 2.0
 _SIGNING_KEY_RELOAD_SECONDS = 5.0
 _API_KEY_TOUCH_SECONDS = 30.0
-
-
-async def _every(seconds: float, work: Callable[[], Awaitable[None]]) -> None:
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await work()
-        except Exception:
-            _log.exception("background work failed; will retry")
 
 
 class StartupError(RuntimeError):
@@ -216,12 +208,22 @@ class NodePoolServer:
         except TimeoutError:
             raise StartupError("cannot subscribe to credential changes in the cache") from None
         self._spawn(revocations.keep_fresh(_REVOCATION_POLL_SECONDS, self._poll_executor))
-        self._spawn(_every(_SESSION_POLL_SECONDS, auth.credentials.poll_revoked_sessions))
-        self._spawn(tls.watch(settings.tls_reload_interval))
-        self._spawn(audit.run(_AUDIT_FLUSH_SECONDS))
-        self._spawn(policy.watch(_POLICY_RELOAD_SECONDS))
-        self._spawn(auth.signing_keys.watch(_SIGNING_KEY_RELOAD_SECONDS))
-        self._spawn(_every(_API_KEY_TOUCH_SECONDS, auth.api_keys.flush_last_used))
+        self._spawn(
+            every(_SESSION_POLL_SECONDS, auth.credentials.poll_revoked_sessions, "session poll")
+        )
+        self._spawn(
+            every(settings.tls_reload_interval, in_thread(tls.reload_if_changed), "TLS reload")
+        )
+        self._spawn(every(_AUDIT_FLUSH_SECONDS, audit.flush, "audit write"))
+        self._spawn(every(_POLICY_RELOAD_SECONDS, in_thread(policy.reload_if_changed), "policy"))
+        self._spawn(
+            every(
+                _SIGNING_KEY_RELOAD_SECONDS,
+                in_thread(auth.signing_keys.reload_if_changed),
+                "signing key reload",
+            )
+        )
+        self._spawn(every(_API_KEY_TOUCH_SECONDS, auth.api_keys.flush_last_used, "API key use"))
         await server.start()
         self._server, self.port = server, port
         for service in ("", *SERVICE_NAMES):

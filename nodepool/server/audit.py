@@ -8,7 +8,6 @@ public reason.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -88,11 +87,3 @@ class AuditTrail:
         if self._dropped:
             _log.error("audit buffer overflowed: %d entries were dropped", self._dropped)
             self._dropped = 0
-
-    async def run(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.flush()
-            except Exception:
-                _log.exception("cannot write the audit log; will retry")

@@ -71,14 +71,6 @@ class SigningKeyWatcher:
         _log.info("token signing keys reloaded; signing with %s", keys.current_kid)
         return True
 
-    async def watch(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.reload_if_changed)
-            except Exception:
-                _log.exception("cannot read the token signing keys; will retry")
-
 
 @dataclass(frozen=True, slots=True)
 class AuthParts:

@@ -7,7 +7,6 @@ no file is read on the connection path. Existing connections keep their session.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -130,11 +129,3 @@ class TlsReloader:
             self._pending = material.server_configuration()
         _log.info("server TLS certificate reloaded for new connections")
         return True
-
-    async def watch(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.reload_if_changed)
-            except Exception:
-                _log.exception("cannot check the server TLS files; will retry")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from nodepool.auth.authorization import Authorizer, PolicyError, default_policy_dir
+from nodepool.background import every, in_thread
 
 HEALTH = "/grpc.health.v1.Health/"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -341,7 +342,9 @@ async def test_watch_reloads_in_the_background(policy_dir: Path) -> None:
     authorizer = Authorizer.from_directory(policy_dir)
     user = frozenset({"user"})
     assert not authorizer.allowed(user, AUDIT + "ListAuditEvents")
-    watcher = asyncio.create_task(authorizer.watch(0.01))
+    watcher = asyncio.create_task(
+        every(0.01, in_thread(authorizer.reload_if_changed), "policy reload")
+    )
     try:
         _append(policy_dir / "policy.csv", f"p, user, {AUDIT}ListAuditEvents, call")
         # The watcher has no event to wait on: poll for up to five seconds.
