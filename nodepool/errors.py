@@ -1,6 +1,6 @@
 """Domain errors: the one catalog of what can go wrong, in plain Python.
 
-The domain raises these; the server boundary (``nodepool.server.status``) maps each
+The domain raises these; the server boundary (``nodepool.status``) maps each
 kind to one gRPC status code. ``public_message`` is safe to show a caller: it never
 carries internals (SQL, paths, exception text) or whether a username exists.
 """

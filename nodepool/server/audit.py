@@ -18,7 +18,7 @@ import grpc
 
 from nodepool.errors import NodePoolError
 from nodepool.server.pipeline import Call
-from nodepool.server.status import status_for
+from nodepool.status import status_for
 from nodepool.store import AuditEntry
 
 __all__ = ["AuditTrail", "outcome_for"]

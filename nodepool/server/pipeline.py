@@ -28,7 +28,7 @@ from nodepool.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from nodepool.server.status import status_for
+from nodepool.status import status_for
 
 __all__ = [
     "Call",

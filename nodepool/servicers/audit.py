@@ -9,8 +9,8 @@ import grpc
 
 from nodepool.domain.audit import AuditLog
 from nodepool.errors import InvalidArgumentError
-from nodepool.server.status import translate_errors
 from nodepool.servicers._convert import timestamp
+from nodepool.status import translate_errors
 from nodepool.v1 import audit_pb2 as pb
 from nodepool.v1 import audit_pb2_grpc as pb_grpc
 

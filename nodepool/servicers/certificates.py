@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from nodepool.auth.principal import current_principal
 from nodepool.domain.certificates import CertificateRenewal
-from nodepool.server.status import translate_errors
+from nodepool.status import translate_errors
 from nodepool.v1 import certificates_pb2 as pb
 from nodepool.v1 import certificates_pb2_grpc as pb_grpc
 

@@ -9,8 +9,8 @@ import grpc
 
 from nodepool.auth.principal import current_principal
 from nodepool.domain.accounts import Accounts, Session
-from nodepool.server.status import translate_errors
 from nodepool.servicers._convert import api_key_message, timestamp, user_message
+from nodepool.status import translate_errors
 from nodepool.v1 import user_manager_pb2 as pb
 from nodepool.v1 import user_manager_pb2_grpc as pb_grpc
 

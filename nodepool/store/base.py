@@ -35,14 +35,18 @@ __all__ = [
     "UNSET",
     "ApiKeyRecord",
     "AuditEntry",
+    "AuditStore",
     "Heartbeat",
     "NodeRecord",
+    "NodeStore",
     "Page",
     "SessionRecord",
     "Store",
     "TaskRecord",
+    "TaskStore",
     "Unset",
     "UserRecord",
+    "UserStore",
 ]
 
 ROLES: Final = frozenset({"admin", "user", "node"})
@@ -188,8 +192,8 @@ class AuditEntry:
     id: int | None = None
 
 
-class Store(abc.ABC):
-    """Everything Node Pool persists. See the module docstring for the shared conventions."""
+class UserStore(abc.ABC):
+    """Users and their credentials: accounts, roles, API keys and refresh sessions."""
 
     # -- users -------------------------------------------------------------------------
 
@@ -260,6 +264,100 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_users(self, *, limit: int = 100, cursor: str | None = None) -> Page[UserRecord]:
         """Users in creation (id) order."""
+
+    # -- api keys ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_api_key(
+        self,
+        *,
+        owner: str,
+        lookup_id: str,
+        secret_hash: str,
+        name: str,
+        scopes: Iterable[str],
+        expires_at: datetime | None = None,
+    ) -> ApiKeyRecord:
+        """Store a key's public lookup id and secret hash (never the secret).
+
+        :class:`AlreadyExists` for a reused ``lookup_id``; :class:`NotFound` for an unknown
+        owner; :class:`InvalidArgument` for a scope outside :data:`ROLES`.
+        """
+
+    @abc.abstractmethod
+    def get_api_key_by_lookup_id(self, lookup_id: str) -> ApiKeyRecord:
+        """The key with ``lookup_id``, revoked or expired ones included (the caller
+        decides); :class:`NotFound` otherwise."""
+
+    @abc.abstractmethod
+    def list_api_keys(self, owner: str) -> list[ApiKeyRecord]:
+        """All of ``owner``'s keys, oldest first, revoked ones included."""
+
+    @abc.abstractmethod
+    def revoke_api_key(self, lookup_id: str, *, owner: str | None = None) -> ApiKeyRecord:
+        """Set ``revoked_at`` (idempotent: the first revocation time is kept)."""
+
+    @abc.abstractmethod
+    def touch_api_key_last_used(self, lookup_id: str, at: datetime | None = None) -> None:
+        """Move ``last_used_at`` forward to ``at`` (never backwards); unknown ids ignored."""
+
+    # -- refresh sessions --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_session(
+        self, *, session_id: str, owner: str, token_hash: str, expires_at: datetime
+    ) -> SessionRecord:
+        """Start a refresh-token family at generation 0. :class:`AlreadyExists` for a reused
+        id or token hash."""
+
+    @abc.abstractmethod
+    def get_session(self, session_id: str) -> SessionRecord:
+        """The session ``session_id``; :class:`NotFound` otherwise."""
+
+    @abc.abstractmethod
+    def get_session_by_token_hash(self, token_hash: str) -> SessionRecord:
+        """The session whose *current* token hash is ``token_hash``; :class:`NotFound`
+        otherwise (a rotated-away hash is not found)."""
+
+    @abc.abstractmethod
+    def rotate_session(
+        self,
+        session_id: str,
+        *,
+        old_token_hash: str,
+        new_token_hash: str,
+        expires_at: datetime | None = None,
+    ) -> SessionRecord:
+        """Compare-and-set the token hash: succeeds only while ``old_token_hash`` is current
+        and the session is neither revoked nor expired; bumps ``generation``.
+
+        :class:`Conflict` otherwise (a stale hash means token reuse: the caller should revoke
+        the family); :class:`NotFound` for an unknown id.
+        """
+
+    @abc.abstractmethod
+    def revoke_session(self, session_id: str, *, reason: str) -> SessionRecord:
+        """Revoke the family (idempotent: the first time and reason are kept)."""
+
+    @abc.abstractmethod
+    def revoke_sessions_of_user(
+        self, owner: str, *, reason: str, except_session_id: str | None = None
+    ) -> list[str]:
+        """Revoke every live session of ``owner`` but ``except_session_id``; returns the ids
+        revoked now."""
+
+    @abc.abstractmethod
+    def list_sessions_revoked_since(self, since: datetime) -> list[str]:
+        """Ids of sessions revoked at or after ``since``, oldest first: what every server
+        instance must refuse while access tokens issued before the revocation live."""
+
+    @abc.abstractmethod
+    def delete_sessions_expired_before(self, cutoff: datetime) -> int:
+        """Delete sessions that expired before ``cutoff`` (retention)."""
+
+
+class NodeStore(abc.ABC):
+    """Worker nodes: registration, liveness, drain and retention."""
 
     # -- nodes -------------------------------------------------------------------------
 
@@ -337,6 +435,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_offline_nodes_before(self, cutoff: datetime) -> int:
         """Delete offline nodes last seen before ``cutoff`` (retention); returns the count."""
+
+
+class TaskStore(abc.ABC):
+    """Tasks: submission, claims by nodes, reports, requeues and retention."""
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -436,95 +538,9 @@ class Store(abc.ABC):
     ) -> int:
         """Delete tasks in ``statuses`` (terminal only) that finished before ``cutoff``."""
 
-    # -- api keys ----------------------------------------------------------------------
 
-    @abc.abstractmethod
-    def create_api_key(
-        self,
-        *,
-        owner: str,
-        lookup_id: str,
-        secret_hash: str,
-        name: str,
-        scopes: Iterable[str],
-        expires_at: datetime | None = None,
-    ) -> ApiKeyRecord:
-        """Store a key's public lookup id and secret hash (never the secret).
-
-        :class:`AlreadyExists` for a reused ``lookup_id``; :class:`NotFound` for an unknown
-        owner; :class:`InvalidArgument` for a scope outside :data:`ROLES`.
-        """
-
-    @abc.abstractmethod
-    def get_api_key_by_lookup_id(self, lookup_id: str) -> ApiKeyRecord:
-        """The key with ``lookup_id``, revoked or expired ones included (the caller
-        decides); :class:`NotFound` otherwise."""
-
-    @abc.abstractmethod
-    def list_api_keys(self, owner: str) -> list[ApiKeyRecord]:
-        """All of ``owner``'s keys, oldest first, revoked ones included."""
-
-    @abc.abstractmethod
-    def revoke_api_key(self, lookup_id: str, *, owner: str | None = None) -> ApiKeyRecord:
-        """Set ``revoked_at`` (idempotent: the first revocation time is kept)."""
-
-    @abc.abstractmethod
-    def touch_api_key_last_used(self, lookup_id: str, at: datetime | None = None) -> None:
-        """Move ``last_used_at`` forward to ``at`` (never backwards); unknown ids ignored."""
-
-    # -- refresh sessions --------------------------------------------------------------
-
-    @abc.abstractmethod
-    def create_session(
-        self, *, session_id: str, owner: str, token_hash: str, expires_at: datetime
-    ) -> SessionRecord:
-        """Start a refresh-token family at generation 0. :class:`AlreadyExists` for a reused
-        id or token hash."""
-
-    @abc.abstractmethod
-    def get_session(self, session_id: str) -> SessionRecord:
-        """The session ``session_id``; :class:`NotFound` otherwise."""
-
-    @abc.abstractmethod
-    def get_session_by_token_hash(self, token_hash: str) -> SessionRecord:
-        """The session whose *current* token hash is ``token_hash``; :class:`NotFound`
-        otherwise (a rotated-away hash is not found)."""
-
-    @abc.abstractmethod
-    def rotate_session(
-        self,
-        session_id: str,
-        *,
-        old_token_hash: str,
-        new_token_hash: str,
-        expires_at: datetime | None = None,
-    ) -> SessionRecord:
-        """Compare-and-set the token hash: succeeds only while ``old_token_hash`` is current
-        and the session is neither revoked nor expired; bumps ``generation``.
-
-        :class:`Conflict` otherwise (a stale hash means token reuse: the caller should revoke
-        the family); :class:`NotFound` for an unknown id.
-        """
-
-    @abc.abstractmethod
-    def revoke_session(self, session_id: str, *, reason: str) -> SessionRecord:
-        """Revoke the family (idempotent: the first time and reason are kept)."""
-
-    @abc.abstractmethod
-    def revoke_sessions_of_user(
-        self, owner: str, *, reason: str, except_session_id: str | None = None
-    ) -> list[str]:
-        """Revoke every live session of ``owner`` but ``except_session_id``; returns the ids
-        revoked now."""
-
-    @abc.abstractmethod
-    def list_sessions_revoked_since(self, since: datetime) -> list[str]:
-        """Ids of sessions revoked at or after ``since``, oldest first: what every server
-        instance must refuse while access tokens issued before the revocation live."""
-
-    @abc.abstractmethod
-    def delete_sessions_expired_before(self, cutoff: datetime) -> int:
-        """Delete sessions that expired before ``cutoff`` (retention)."""
+class AuditStore(abc.ABC):
+    """The append-only audit trail."""
 
     # -- audit -------------------------------------------------------------------------
 
@@ -550,6 +566,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_audit_before(self, cutoff: datetime) -> int:
         """Delete entries older than ``cutoff`` (retention)."""
+
+
+class Store(UserStore, NodeStore, TaskStore, AuditStore):
+    """Everything Node Pool persists. See the module docstring for the shared conventions.
+
+    The domain depends on the narrow part it needs (:class:`UserStore`, :class:`NodeStore`,
+    :class:`TaskStore`, :class:`AuditStore`); the server assembles one whole store.
+    """
 
     # -- operations --------------------------------------------------------------------
 

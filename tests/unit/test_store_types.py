@@ -9,7 +9,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from nodepool.store.errors import InvalidArgument
 from nodepool.store.schema import UTCDateTime
-from nodepool.store.sql import _decode_cursor, _encode_cursor
+from nodepool.store.sqlbase import decode_cursor as _decode_cursor
+from nodepool.store.sqlbase import encode_cursor as _encode_cursor
 
 PLUS_TWO = timezone(timedelta(hours=2))
 SQLITE = sqlite.dialect()

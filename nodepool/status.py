@@ -1,4 +1,7 @@
-"""The boundary between domain errors and gRPC status codes."""
+"""The boundary between domain errors and gRPC status codes.
+
+Below both the servicers and the server, which each translate at their edge.
+"""
 
 from __future__ import annotations
 
