@@ -36,7 +36,9 @@ __all__ = [
     "AuditLog",
     "Base",
     "Node",
+    "NodeEvent",
     "RefreshSession",
+    "RemovedNode",
     "Task",
     "UTCDateTime",
     "User",
@@ -137,7 +139,36 @@ class Node(Base):
     labels: Mapped[dict[str, Any]]
     metrics: Mapped[dict[str, Any]]
     drain_requested: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # When a drain gives up waiting for running tasks and removes the node anyway.
+    drain_deadline: Mapped[datetime | None]
+    # How many tasks the node runs at once; 0 = a node that takes no tasks.
+    task_slots: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class NodeEvent(Base):
+    """A node's status history; kept after the node is removed."""
+
+    __tablename__ = "node_events"
+    __table_args__ = (Index("idx_node_events_node_id_id", "node_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    node_id: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(server_default=func.now())
+    event: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(String(255), server_default=text("''"))
+
+
+class RemovedNode(Base):
+    """A node id that was removed: it may not register again until an admin re-admits it."""
+
+    __tablename__ = "removed_nodes"
+
+    node_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    removed_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    removed_by: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(String(255), server_default=text("''"))
 
 
 class Task(Base):
@@ -148,6 +179,8 @@ class Task(Base):
         Index("idx_tasks_status_created_at", "status", "created_at"),
         Index("idx_tasks_user_id_created_at", "user_id", "created_at"),
         Index("idx_tasks_assigned_node_id", "assigned_node_id"),
+        # The scheduler's fair queue: pending tasks per owner by priority and age.
+        Index("idx_tasks_status_user_priority", "status", "user_id", "priority", "created_at"),
         UniqueConstraint("user_id", "idempotency_key"),
     )
 
@@ -173,6 +206,11 @@ class Task(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     lease_expires_at: Mapped[datetime | None]
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # Labels a node must carry (equal values) to run the task.
+    # NULL for tasks submitted before labels existed: no requirement.
+    required_labels: Mapped[dict[str, Any] | None]
+    exit_code: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -189,6 +227,8 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # The certificate identity (URI SAN) the key only works through; NULL = any device.
+    bound_device: Mapped[str | None] = mapped_column(String(255))
 
 
 class RefreshSession(Base):
@@ -196,6 +236,8 @@ class RefreshSession(Base):
     __table_args__ = (
         Index("idx_refresh_sessions_user_id", "user_id"),
         Index("idx_refresh_sessions_expires_at", "expires_at"),
+        # Every instance asks for the sessions revoked in the last seconds, every second.
+        Index("idx_refresh_sessions_revoked_at", "revoked_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
