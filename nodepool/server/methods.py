@@ -43,6 +43,9 @@ METHOD_RULES: Mapping[str, MethodRule] = MappingProxyType(
         _NODE + "UpdateNodeStatus": _CERT,
         _NODE + "GetNodeList": _READ,
         _NODE + "RemoveNode": _WRITE,
+        _NODE + "GetNodeEvents": _READ,
+        _NODE + "GetPoolStats": _READ,
+        _NODE + "ReadmitNode": _WRITE,
         _USER + "RegisterUser": _CERT_AUDITED,
         _USER + "LoginUser": _CERT_AUDITED,
         # The refresh token in the request is the credential.
@@ -60,6 +63,13 @@ METHOD_RULES: Mapping[str, MethodRule] = MappingProxyType(
         _MASTER + "SubmitTask": _WRITE,
         _MASTER + "GetTaskStatus": _READ,
         _MASTER + "CancelTask": _WRITE,
+        _MASTER + "SubmitTasks": _WRITE,
+        _MASTER + "ListTasks": _READ,
+        # A worker's delivery stream is opened once per connection: worth a line.
+        _MASTER + "PullTasks": _CERT_AUDITED,
+        # Reports are as frequent as tasks; each changes a task the owner can read, and
+        # refusals are still recorded.
+        _MASTER + "ReportTasks": _CERT,
         # A node proves itself with the certificate; a client certificate also needs its
         # user (enforced by the USER access and the policy).
         _CERTIFICATES + "RenewCertificate": _WRITE,

@@ -25,31 +25,63 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnodepool/v1/master_node.proto\x12\x0bnodepool.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"<\n\x14ResourceRequirements\x12\x11\n\tcpu_cores\x18\x01 \x01(\r\x12\x11\n\tmemory_gb\x18\x02 \x01(\x01\"\xe0\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.nodepool.v1.TaskStatus\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x37\n\x0crequirements\x18\x06 \x01(\x0b\x32!.nodepool.v1.ResourceRequirements\x12\x18\n\x10\x61ssigned_node_id\x18\x07 \x01(\t\x12\x0e\n\x06result\x18\x08 \x01(\x0c\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x10\n\x08\x61ttempts\x18\n \x01(\r\x12\x14\n\x0cmax_attempts\x18\x0b \x01(\r\x12\x10\n\x08progress\x18\x0c \x01(\x01\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb8\x01\n\x11SubmitTaskRequest\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x37\n\x0crequirements\x18\x03 \x01(\x0b\x32!.nodepool.v1.ResourceRequirements\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\r\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"h\n\x12SubmitTaskResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x1f\n\x04task\x18\x04 \x01(\x0b\x32\x11.nodepool.v1.Task\"\'\n\x14GetTaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"8\n\x15GetTaskStatusResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.nodepool.v1.Task\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"W\n\x12\x43\x61ncelTaskResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1f\n\x04task\x18\x03 \x01(\x0b\x32\x11.nodepool.v1.Task*\xc3\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x18\n\x14TASK_STATUS_ASSIGNED\x10\x02\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x03\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06\x32\x89\x02\n\x11MasterNodeService\x12M\n\nSubmitTask\x12\x1e.nodepool.v1.SubmitTaskRequest\x1a\x1f.nodepool.v1.SubmitTaskResponse\x12V\n\rGetTaskStatus\x12!.nodepool.v1.GetTaskStatusRequest\x1a\".nodepool.v1.GetTaskStatusResponse\x12M\n\nCancelTask\x12\x1e.nodepool.v1.CancelTaskRequest\x1a\x1f.nodepool.v1.CancelTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnodepool/v1/master_node.proto\x12\x0bnodepool.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"<\n\x14ResourceRequirements\x12\x11\n\tcpu_cores\x18\x01 \x01(\r\x12\x11\n\tmemory_gb\x18\x02 \x01(\x01\"\x8f\x05\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.nodepool.v1.TaskStatus\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x37\n\x0crequirements\x18\x06 \x01(\x0b\x32!.nodepool.v1.ResourceRequirements\x12\x18\n\x10\x61ssigned_node_id\x18\x07 \x01(\t\x12\x0e\n\x06result\x18\x08 \x01(\x0c\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x10\n\x08\x61ttempts\x18\n \x01(\r\x12\x14\n\x0cmax_attempts\x18\x0b \x01(\r\x12\x10\n\x08progress\x18\x0c \x01(\x01\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x11 \x01(\x05\x12-\n\x06labels\x18\x12 \x03(\x0b\x32\x1d.nodepool.v1.Task.LabelsEntry\x12\x17\n\x0ftimeout_seconds\x18\x13 \x01(\r\x12\x16\n\texit_code\x18\x14 \x01(\x05H\x00\x88\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_exit_code\"\xb5\x02\n\x11SubmitTaskRequest\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x37\n\x0crequirements\x18\x03 \x01(\x0b\x32!.nodepool.v1.ResourceRequirements\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\r\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12:\n\x06labels\x18\x08 \x03(\x0b\x32*.nodepool.v1.SubmitTaskRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\x12SubmitTaskResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x1f\n\x04task\x18\x04 \x01(\x0b\x32\x11.nodepool.v1.Task\"C\n\x12SubmitTasksRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.nodepool.v1.SubmitTaskRequest\"7\n\x13SubmitTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.nodepool.v1.Task\"=\n\x14GetTaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\r\"8\n\x15GetTaskStatusResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.nodepool.v1.Task\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"W\n\x12\x43\x61ncelTaskResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1f\n\x04task\x18\x03 \x01(\x0b\x32\x11.nodepool.v1.Task\"q\n\x10ListTasksRequest\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.nodepool.v1.TaskStatus\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.nodepool.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10PullTasksRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"o\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\ttask_type\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\r\"\\\n\x11PullTasksResponse\x12\x30\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x1b.nodepool.v1.TaskAssignment\x12\x15\n\rstop_task_ids\x18\x02 \x03(\t\"\xb2\x01\n\nTaskReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.nodepool.v1.TaskReportState\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\x0e\n\x06result\x18\x05 \x01(\x0c\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_exit_code\"O\n\x12ReportTasksRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x07reports\x18\x02 \x03(\x0b\x32\x17.nodepool.v1.TaskReport\"T\n\x10TaskReportResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"E\n\x13ReportTasksResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.nodepool.v1.TaskReportResult*\xc3\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x18\n\x14TASK_STATUS_ASSIGNED\x10\x02\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x03\x12\x19\n\x15TASK_STATUS_COMPLETED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06*\x92\x01\n\x0fTaskReportState\x12!\n\x1dTASK_REPORT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TASK_REPORT_STATE_RUNNING\x10\x01\x12\x1f\n\x1bTASK_REPORT_STATE_COMPLETED\x10\x02\x12\x1c\n\x18TASK_REPORT_STATE_FAILED\x10\x03\x32\xc7\x04\n\x11MasterNodeService\x12M\n\nSubmitTask\x12\x1e.nodepool.v1.SubmitTaskRequest\x1a\x1f.nodepool.v1.SubmitTaskResponse\x12P\n\x0bSubmitTasks\x12\x1f.nodepool.v1.SubmitTasksRequest\x1a .nodepool.v1.SubmitTasksResponse\x12V\n\rGetTaskStatus\x12!.nodepool.v1.GetTaskStatusRequest\x1a\".nodepool.v1.GetTaskStatusResponse\x12M\n\nCancelTask\x12\x1e.nodepool.v1.CancelTaskRequest\x1a\x1f.nodepool.v1.CancelTaskResponse\x12J\n\tListTasks\x12\x1d.nodepool.v1.ListTasksRequest\x1a\x1e.nodepool.v1.ListTasksResponse\x12L\n\tPullTasks\x12\x1d.nodepool.v1.PullTasksRequest\x1a\x1e.nodepool.v1.PullTasksResponse0\x01\x12P\n\x0bReportTasks\x12\x1f.nodepool.v1.ReportTasksRequest\x1a .nodepool.v1.ReportTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nodepool.v1.master_node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=1144
-  _globals['_TASKSTATUS']._serialized_end=1339
+  _globals['_TASK_LABELSENTRY']._loaded_options = None
+  _globals['_TASK_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_TASKSTATUS']._serialized_start=2450
+  _globals['_TASKSTATUS']._serialized_end=2645
+  _globals['_TASKREPORTSTATE']._serialized_start=2648
+  _globals['_TASKREPORTSTATE']._serialized_end=2794
   _globals['_RESOURCEREQUIREMENTS']._serialized_start=79
   _globals['_RESOURCEREQUIREMENTS']._serialized_end=139
   _globals['_TASK']._serialized_start=142
-  _globals['_TASK']._serialized_end=622
-  _globals['_SUBMITTASKREQUEST']._serialized_start=625
-  _globals['_SUBMITTASKREQUEST']._serialized_end=809
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=811
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=915
-  _globals['_GETTASKSTATUSREQUEST']._serialized_start=917
-  _globals['_GETTASKSTATUSREQUEST']._serialized_end=956
-  _globals['_GETTASKSTATUSRESPONSE']._serialized_start=958
-  _globals['_GETTASKSTATUSRESPONSE']._serialized_end=1014
-  _globals['_CANCELTASKREQUEST']._serialized_start=1016
-  _globals['_CANCELTASKREQUEST']._serialized_end=1052
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1054
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1141
-  _globals['_MASTERNODESERVICE']._serialized_start=1342
-  _globals['_MASTERNODESERVICE']._serialized_end=1607
+  _globals['_TASK']._serialized_end=797
+  _globals['_TASK_LABELSENTRY']._serialized_start=738
+  _globals['_TASK_LABELSENTRY']._serialized_end=783
+  _globals['_SUBMITTASKREQUEST']._serialized_start=800
+  _globals['_SUBMITTASKREQUEST']._serialized_end=1109
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=738
+  _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_end=783
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=1111
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=1215
+  _globals['_SUBMITTASKSREQUEST']._serialized_start=1217
+  _globals['_SUBMITTASKSREQUEST']._serialized_end=1284
+  _globals['_SUBMITTASKSRESPONSE']._serialized_start=1286
+  _globals['_SUBMITTASKSRESPONSE']._serialized_end=1341
+  _globals['_GETTASKSTATUSREQUEST']._serialized_start=1343
+  _globals['_GETTASKSTATUSREQUEST']._serialized_end=1404
+  _globals['_GETTASKSTATUSRESPONSE']._serialized_start=1406
+  _globals['_GETTASKSTATUSRESPONSE']._serialized_end=1462
+  _globals['_CANCELTASKREQUEST']._serialized_start=1464
+  _globals['_CANCELTASKREQUEST']._serialized_end=1500
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1502
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1589
+  _globals['_LISTTASKSREQUEST']._serialized_start=1591
+  _globals['_LISTTASKSREQUEST']._serialized_end=1704
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1706
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1784
+  _globals['_PULLTASKSREQUEST']._serialized_start=1786
+  _globals['_PULLTASKSREQUEST']._serialized_end=1821
+  _globals['_TASKASSIGNMENT']._serialized_start=1823
+  _globals['_TASKASSIGNMENT']._serialized_end=1934
+  _globals['_PULLTASKSRESPONSE']._serialized_start=1936
+  _globals['_PULLTASKSRESPONSE']._serialized_end=2028
+  _globals['_TASKREPORT']._serialized_start=2031
+  _globals['_TASKREPORT']._serialized_end=2209
+  _globals['_REPORTTASKSREQUEST']._serialized_start=2211
+  _globals['_REPORTTASKSREQUEST']._serialized_end=2290
+  _globals['_TASKREPORTRESULT']._serialized_start=2292
+  _globals['_TASKREPORTRESULT']._serialized_end=2376
+  _globals['_REPORTTASKSRESPONSE']._serialized_start=2378
+  _globals['_REPORTTASKSRESPONSE']._serialized_end=2447
+  _globals['_MASTERNODESERVICE']._serialized_start=2797
+  _globals['_MASTERNODESERVICE']._serialized_end=3380
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class MasterNodeServiceStub:
-    """MasterNodeService accepts and tracks compute tasks.
+    """MasterNodeService accepts and tracks compute tasks, and delivers them to worker nodes.
+    Users submit, watch and cancel their own tasks (admins: all). Workers pull their
+    assignments over their own outbound connection and report on them; a node may pull
+    and report only as itself, and only for tasks assigned to it.
     """
 
     def __init__(self, channel):
@@ -40,6 +43,11 @@ class MasterNodeServiceStub:
                 request_serializer=nodepool_dot_v1_dot_master__node__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=nodepool_dot_v1_dot_master__node__pb2.SubmitTaskResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/nodepool.v1.MasterNodeService/SubmitTasks',
+                request_serializer=nodepool_dot_v1_dot_master__node__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_master__node__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
         self.GetTaskStatus = channel.unary_unary(
                 '/nodepool.v1.MasterNodeService/GetTaskStatus',
                 request_serializer=nodepool_dot_v1_dot_master__node__pb2.GetTaskStatusRequest.SerializeToString,
@@ -50,14 +58,39 @@ class MasterNodeServiceStub:
                 request_serializer=nodepool_dot_v1_dot_master__node__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=nodepool_dot_v1_dot_master__node__pb2.CancelTaskResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/nodepool.v1.MasterNodeService/ListTasks',
+                request_serializer=nodepool_dot_v1_dot_master__node__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_master__node__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.PullTasks = channel.unary_stream(
+                '/nodepool.v1.MasterNodeService/PullTasks',
+                request_serializer=nodepool_dot_v1_dot_master__node__pb2.PullTasksRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_master__node__pb2.PullTasksResponse.FromString,
+                _registered_method=True)
+        self.ReportTasks = channel.unary_unary(
+                '/nodepool.v1.MasterNodeService/ReportTasks',
+                request_serializer=nodepool_dot_v1_dot_master__node__pb2.ReportTasksRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_master__node__pb2.ReportTasksResponse.FromString,
+                _registered_method=True)
 
 
 class MasterNodeServiceServicer:
-    """MasterNodeService accepts and tracks compute tasks.
+    """MasterNodeService accepts and tracks compute tasks, and delivers them to worker nodes.
+    Users submit, watch and cancel their own tasks (admins: all). Workers pull their
+    assignments over their own outbound connection and report on them; a node may pull
+    and report only as itself, and only for tasks assigned to it.
     """
 
     def SubmitTask(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitTasks(self, request, context):
+        """Several tasks in one call and one transaction: all are accepted or none.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -74,6 +107,26 @@ class MasterNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullTasks(self, request, context):
+        """Worker side: a stream of this node's assignments (and of tasks it must stop).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTasks(self, request, context):
+        """Worker side: start, progress and results, several tasks per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +134,11 @@ def add_MasterNodeServiceServicer_to_server(servicer, server):
                     servicer.SubmitTask,
                     request_deserializer=nodepool_dot_v1_dot_master__node__pb2.SubmitTaskRequest.FromString,
                     response_serializer=nodepool_dot_v1_dot_master__node__pb2.SubmitTaskResponse.SerializeToString,
+            ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=nodepool_dot_v1_dot_master__node__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_master__node__pb2.SubmitTasksResponse.SerializeToString,
             ),
             'GetTaskStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTaskStatus,
@@ -92,6 +150,21 @@ def add_MasterNodeServiceServicer_to_server(servicer, server):
                     request_deserializer=nodepool_dot_v1_dot_master__node__pb2.CancelTaskRequest.FromString,
                     response_serializer=nodepool_dot_v1_dot_master__node__pb2.CancelTaskResponse.SerializeToString,
             ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=nodepool_dot_v1_dot_master__node__pb2.ListTasksRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_master__node__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'PullTasks': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullTasks,
+                    request_deserializer=nodepool_dot_v1_dot_master__node__pb2.PullTasksRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_master__node__pb2.PullTasksResponse.SerializeToString,
+            ),
+            'ReportTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTasks,
+                    request_deserializer=nodepool_dot_v1_dot_master__node__pb2.ReportTasksRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_master__node__pb2.ReportTasksResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'nodepool.v1.MasterNodeService', rpc_method_handlers)
@@ -101,7 +174,10 @@ def add_MasterNodeServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MasterNodeService:
-    """MasterNodeService accepts and tracks compute tasks.
+    """MasterNodeService accepts and tracks compute tasks, and delivers them to worker nodes.
+    Users submit, watch and cancel their own tasks (admins: all). Workers pull their
+    assignments over their own outbound connection and report on them; a node may pull
+    and report only as itself, and only for tasks assigned to it.
     """
 
     @staticmethod
@@ -121,6 +197,33 @@ class MasterNodeService:
             '/nodepool.v1.MasterNodeService/SubmitTask',
             nodepool_dot_v1_dot_master__node__pb2.SubmitTaskRequest.SerializeToString,
             nodepool_dot_v1_dot_master__node__pb2.SubmitTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.MasterNodeService/SubmitTasks',
+            nodepool_dot_v1_dot_master__node__pb2.SubmitTasksRequest.SerializeToString,
+            nodepool_dot_v1_dot_master__node__pb2.SubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -175,6 +278,87 @@ class MasterNodeService:
             '/nodepool.v1.MasterNodeService/CancelTask',
             nodepool_dot_v1_dot_master__node__pb2.CancelTaskRequest.SerializeToString,
             nodepool_dot_v1_dot_master__node__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.MasterNodeService/ListTasks',
+            nodepool_dot_v1_dot_master__node__pb2.ListTasksRequest.SerializeToString,
+            nodepool_dot_v1_dot_master__node__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nodepool.v1.MasterNodeService/PullTasks',
+            nodepool_dot_v1_dot_master__node__pb2.PullTasksRequest.SerializeToString,
+            nodepool_dot_v1_dot_master__node__pb2.PullTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.MasterNodeService/ReportTasks',
+            nodepool_dot_v1_dot_master__node__pb2.ReportTasksRequest.SerializeToString,
+            nodepool_dot_v1_dot_master__node__pb2.ReportTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

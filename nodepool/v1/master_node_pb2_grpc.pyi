@@ -27,27 +27,53 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MasterNodeServiceStub:
-    """MasterNodeService accepts and tracks compute tasks."""
+    """MasterNodeService accepts and tracks compute tasks, and delivers them to worker nodes.
+    Users submit, watch and cancel their own tasks (admins: all). Workers pull their
+    assignments over their own outbound connection and report on them; a node may pull
+    and report only as itself, and only for tasks assigned to it.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MasterNodeServiceAsyncStub: ...
     SubmitTask: _grpc.UnaryUnaryMultiCallable[_master_node_pb2.SubmitTaskRequest, _master_node_pb2.SubmitTaskResponse]
+    SubmitTasks: _grpc.UnaryUnaryMultiCallable[_master_node_pb2.SubmitTasksRequest, _master_node_pb2.SubmitTasksResponse]
+    """Several tasks in one call and one transaction: all are accepted or none."""
     GetTaskStatus: _grpc.UnaryUnaryMultiCallable[_master_node_pb2.GetTaskStatusRequest, _master_node_pb2.GetTaskStatusResponse]
     CancelTask: _grpc.UnaryUnaryMultiCallable[_master_node_pb2.CancelTaskRequest, _master_node_pb2.CancelTaskResponse]
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_master_node_pb2.ListTasksRequest, _master_node_pb2.ListTasksResponse]
+    PullTasks: _grpc.UnaryStreamMultiCallable[_master_node_pb2.PullTasksRequest, _master_node_pb2.PullTasksResponse]
+    """Worker side: a stream of this node's assignments (and of tasks it must stop)."""
+    ReportTasks: _grpc.UnaryUnaryMultiCallable[_master_node_pb2.ReportTasksRequest, _master_node_pb2.ReportTasksResponse]
+    """Worker side: start, progress and results, several tasks per call."""
 
 @_typing.type_check_only
 class MasterNodeServiceAsyncStub(MasterNodeServiceStub):
-    """MasterNodeService accepts and tracks compute tasks."""
+    """MasterNodeService accepts and tracks compute tasks, and delivers them to worker nodes.
+    Users submit, watch and cancel their own tasks (admins: all). Workers pull their
+    assignments over their own outbound connection and report on them; a node may pull
+    and report only as itself, and only for tasks assigned to it.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitTask: _aio.UnaryUnaryMultiCallable[_master_node_pb2.SubmitTaskRequest, _master_node_pb2.SubmitTaskResponse]  # type: ignore[assignment]
+    SubmitTasks: _aio.UnaryUnaryMultiCallable[_master_node_pb2.SubmitTasksRequest, _master_node_pb2.SubmitTasksResponse]  # type: ignore[assignment]
+    """Several tasks in one call and one transaction: all are accepted or none."""
     GetTaskStatus: _aio.UnaryUnaryMultiCallable[_master_node_pb2.GetTaskStatusRequest, _master_node_pb2.GetTaskStatusResponse]  # type: ignore[assignment]
     CancelTask: _aio.UnaryUnaryMultiCallable[_master_node_pb2.CancelTaskRequest, _master_node_pb2.CancelTaskResponse]  # type: ignore[assignment]
+    ListTasks: _aio.UnaryUnaryMultiCallable[_master_node_pb2.ListTasksRequest, _master_node_pb2.ListTasksResponse]  # type: ignore[assignment]
+    PullTasks: _aio.UnaryStreamMultiCallable[_master_node_pb2.PullTasksRequest, _master_node_pb2.PullTasksResponse]  # type: ignore[assignment]
+    """Worker side: a stream of this node's assignments (and of tasks it must stop)."""
+    ReportTasks: _aio.UnaryUnaryMultiCallable[_master_node_pb2.ReportTasksRequest, _master_node_pb2.ReportTasksResponse]  # type: ignore[assignment]
+    """Worker side: start, progress and results, several tasks per call."""
 
 class MasterNodeServiceServicer(metaclass=_abc_1.ABCMeta):
-    """MasterNodeService accepts and tracks compute tasks."""
+    """MasterNodeService accepts and tracks compute tasks, and delivers them to worker nodes.
+    Users submit, watch and cancel their own tasks (admins: all). Workers pull their
+    assignments over their own outbound connection and report on them; a node may pull
+    and report only as itself, and only for tasks assigned to it.
+    """
 
     @_abc_1.abstractmethod
     def SubmitTask(
@@ -55,6 +81,14 @@ class MasterNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _master_node_pb2.SubmitTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_master_node_pb2.SubmitTaskResponse, _abc.Awaitable[_master_node_pb2.SubmitTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitTasks(
+        self,
+        request: _master_node_pb2.SubmitTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_master_node_pb2.SubmitTasksResponse, _abc.Awaitable[_master_node_pb2.SubmitTasksResponse]]:
+        """Several tasks in one call and one transaction: all are accepted or none."""
 
     @_abc_1.abstractmethod
     def GetTaskStatus(
@@ -69,5 +103,28 @@ class MasterNodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _master_node_pb2.CancelTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_master_node_pb2.CancelTaskResponse, _abc.Awaitable[_master_node_pb2.CancelTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _master_node_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_master_node_pb2.ListTasksResponse, _abc.Awaitable[_master_node_pb2.ListTasksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PullTasks(
+        self,
+        request: _master_node_pb2.PullTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_master_node_pb2.PullTasksResponse], _abc.AsyncIterator[_master_node_pb2.PullTasksResponse]]:
+        """Worker side: a stream of this node's assignments (and of tasks it must stop)."""
+
+    @_abc_1.abstractmethod
+    def ReportTasks(
+        self,
+        request: _master_node_pb2.ReportTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_master_node_pb2.ReportTasksResponse, _abc.Awaitable[_master_node_pb2.ReportTasksResponse]]:
+        """Worker side: start, progress and results, several tasks per call."""
 
 def add_MasterNodeServiceServicer_to_server(servicer: MasterNodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

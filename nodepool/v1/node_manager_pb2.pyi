@@ -108,6 +108,9 @@ class Node(_message.Message):
     LAST_HEARTBEAT_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    DRAIN_REQUESTED_FIELD_NUMBER: _builtins.int
+    DRAIN_DEADLINE_FIELD_NUMBER: _builtins.int
+    TASK_SLOTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     owner: _builtins.str
     ip_address: _builtins.str
@@ -116,6 +119,9 @@ class Node(_message.Message):
     cpu_cores: _builtins.int
     memory_gb: _builtins.float
     disk_gb: _builtins.float
+    drain_requested: _builtins.bool
+    task_slots: _builtins.int
+    """How many tasks the node runs at once; 0 = it takes no tasks."""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -124,6 +130,8 @@ class Node(_message.Message):
     def metrics(self) -> Global___NodeMetrics: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def drain_deadline(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -139,10 +147,13 @@ class Node(_message.Message):
         last_heartbeat: _timestamp_pb2.Timestamp | None = ...,
         metrics: Global___NodeMetrics | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        drain_requested: _builtins.bool = ...,
+        drain_deadline: _timestamp_pb2.Timestamp | None = ...,
+        task_slots: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "metrics", b"metrics", "registered_at", b"registered_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["drain_deadline", b"drain_deadline", "last_heartbeat", b"last_heartbeat", "metrics", b"metrics", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "disk_gb", b"disk_gb", "ip_address", b"ip_address", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "memory_gb", b"memory_gb", "metrics", b"metrics", "node_id", b"node_id", "owner", b"owner", "port", b"port", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "disk_gb", b"disk_gb", "drain_deadline", b"drain_deadline", "drain_requested", b"drain_requested", "ip_address", b"ip_address", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "memory_gb", b"memory_gb", "metrics", b"metrics", "node_id", b"node_id", "owner", b"owner", "port", b"port", "registered_at", b"registered_at", "status", b"status", "task_slots", b"task_slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,12 +190,15 @@ class RegisterNodeRequest(_message.Message):
     MEMORY_GB_FIELD_NUMBER: _builtins.int
     DISK_GB_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    TASK_SLOTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     ip_address: _builtins.str
     port: _builtins.int
     cpu_cores: _builtins.int
     memory_gb: _builtins.float
     disk_gb: _builtins.float
+    task_slots: _builtins.int
+    """How many tasks the node runs at once; 0 means as many as cpu_cores."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -197,10 +211,11 @@ class RegisterNodeRequest(_message.Message):
         memory_gb: _builtins.float = ...,
         disk_gb: _builtins.float = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        task_slots: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "disk_gb", b"disk_gb", "ip_address", b"ip_address", "labels", b"labels", "memory_gb", b"memory_gb", "node_id", b"node_id", "port", b"port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "disk_gb", b"disk_gb", "ip_address", b"ip_address", "labels", b"labels", "memory_gb", b"memory_gb", "node_id", b"node_id", "port", b"port", "task_slots", b"task_slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -295,16 +310,41 @@ Global___UpdateNodeStatusResponse: _TypeAlias = UpdateNodeStatusResponse  # noqa
 class GetNodeListRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STATUS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     status: Global___NodeStatus.ValueType
     """Unspecified lists every status."""
     owner: _builtins.str
     """Admins may filter by owner; other callers only ever see their own nodes."""
     page_size: _builtins.int
     page_token: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only nodes carrying every one of these labels with these values."""
+
     def __init__(
         self,
         *,
@@ -312,10 +352,11 @@ class GetNodeListRequest(_message.Message):
         owner: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,6 +390,197 @@ class RemoveNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_ID_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
+    DRAIN_DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    drain: _builtins.bool
+    """Stop new assignments and let running tasks finish before removing."""
+    drain_deadline_seconds: _builtins.int
+    """With drain: remove anyway (requeueing what still runs) after this long; 0 = 10 min."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        drain: _builtins.bool = ...,
+        drain_deadline_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "drain_deadline_seconds", b"drain_deadline_seconds", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveNodeRequest: _TypeAlias = RemoveNodeRequest  # noqa: Y015
+
+@_typing.final
+class RemoveNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUCCESS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    success: _builtins.bool
+    message: _builtins.str
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The node as it is now: draining with a deadline, or gone (unset)."""
+
+    def __init__(
+        self,
+        *,
+        success: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "node", b"node", "success", b"success"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveNodeResponse: _TypeAlias = RemoveNodeResponse  # noqa: Y015
+
+@_typing.final
+class NodeEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    event: _builtins.str
+    """registered, offline, online, drain_requested, removed, readmitted"""
+    status: Global___NodeStatus.ValueType
+    detail: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        event: _builtins.str = ...,
+        status: Global___NodeStatus.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "detail", b"detail", "event", b"event", "node_id", b"node_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeEvent: _TypeAlias = NodeEvent  # noqa: Y015
+
+@_typing.final
+class GetNodeEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeEventsRequest: _TypeAlias = GetNodeEventsRequest  # noqa: Y015
+
+@_typing.final
+class GetNodeEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___NodeEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeEventsResponse: _TypeAlias = GetNodeEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetPoolStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPoolStatsRequest: _TypeAlias = GetPoolStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetPoolStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_ONLINE_FIELD_NUMBER: _builtins.int
+    NODES_OFFLINE_FIELD_NUMBER: _builtins.int
+    NODES_BUSY_FIELD_NUMBER: _builtins.int
+    NODES_DRAINING_FIELD_NUMBER: _builtins.int
+    TASKS_PENDING_FIELD_NUMBER: _builtins.int
+    TASKS_ASSIGNED_FIELD_NUMBER: _builtins.int
+    TASKS_RUNNING_FIELD_NUMBER: _builtins.int
+    TASK_SLOTS_ONLINE_FIELD_NUMBER: _builtins.int
+    nodes_online: _builtins.int
+    nodes_offline: _builtins.int
+    nodes_busy: _builtins.int
+    nodes_draining: _builtins.int
+    tasks_pending: _builtins.int
+    tasks_assigned: _builtins.int
+    tasks_running: _builtins.int
+    task_slots_online: _builtins.int
+    def __init__(
+        self,
+        *,
+        nodes_online: _builtins.int = ...,
+        nodes_offline: _builtins.int = ...,
+        nodes_busy: _builtins.int = ...,
+        nodes_draining: _builtins.int = ...,
+        tasks_pending: _builtins.int = ...,
+        tasks_assigned: _builtins.int = ...,
+        tasks_running: _builtins.int = ...,
+        task_slots_online: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes_busy", b"nodes_busy", "nodes_draining", b"nodes_draining", "nodes_offline", b"nodes_offline", "nodes_online", b"nodes_online", "task_slots_online", b"task_slots_online", "tasks_assigned", b"tasks_assigned", "tasks_pending", b"tasks_pending", "tasks_running", b"tasks_running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPoolStatsResponse: _TypeAlias = GetPoolStatsResponse  # noqa: Y015
+
+@_typing.final
+class ReadmitNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     def __init__(
         self,
@@ -361,10 +593,10 @@ class RemoveNodeRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RemoveNodeRequest: _TypeAlias = RemoveNodeRequest  # noqa: Y015
+Global___ReadmitNodeRequest: _TypeAlias = ReadmitNodeRequest  # noqa: Y015
 
 @_typing.final
-class RemoveNodeResponse(_message.Message):
+class ReadmitNodeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SUCCESS_FIELD_NUMBER: _builtins.int
@@ -383,4 +615,4 @@ class RemoveNodeResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RemoveNodeResponse: _TypeAlias = RemoveNodeResponse  # noqa: Y015
+Global___ReadmitNodeResponse: _TypeAlias = ReadmitNodeResponse  # noqa: Y015

@@ -56,6 +56,21 @@ class NodeManagerStub:
                 request_serializer=nodepool_dot_v1_dot_node__manager__pb2.RemoveNodeRequest.SerializeToString,
                 response_deserializer=nodepool_dot_v1_dot_node__manager__pb2.RemoveNodeResponse.FromString,
                 _registered_method=True)
+        self.GetNodeEvents = channel.unary_unary(
+                '/nodepool.v1.NodeManager/GetNodeEvents',
+                request_serializer=nodepool_dot_v1_dot_node__manager__pb2.GetNodeEventsRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_node__manager__pb2.GetNodeEventsResponse.FromString,
+                _registered_method=True)
+        self.GetPoolStats = channel.unary_unary(
+                '/nodepool.v1.NodeManager/GetPoolStats',
+                request_serializer=nodepool_dot_v1_dot_node__manager__pb2.GetPoolStatsRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_node__manager__pb2.GetPoolStatsResponse.FromString,
+                _registered_method=True)
+        self.ReadmitNode = channel.unary_unary(
+                '/nodepool.v1.NodeManager/ReadmitNode',
+                request_serializer=nodepool_dot_v1_dot_node__manager__pb2.ReadmitNodeRequest.SerializeToString,
+                response_deserializer=nodepool_dot_v1_dot_node__manager__pb2.ReadmitNodeResponse.FromString,
+                _registered_method=True)
 
 
 class NodeManagerServicer:
@@ -83,7 +98,31 @@ class NodeManagerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveNode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes at once, or with drain: no new tasks, running ones may finish until the
+        deadline, then the node is removed. A removed node may not register again until an
+        admin re-admits it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNodeEvents(self, request, context):
+        """A node's status history (registered, offline, online again, drain, removed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPoolStats(self, request, context):
+        """Admin: node counts by status and the task queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadmitNode(self, request, context):
+        """Admin: lets a removed node id register again.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -110,6 +149,21 @@ def add_NodeManagerServicer_to_server(servicer, server):
                     servicer.RemoveNode,
                     request_deserializer=nodepool_dot_v1_dot_node__manager__pb2.RemoveNodeRequest.FromString,
                     response_serializer=nodepool_dot_v1_dot_node__manager__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'GetNodeEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeEvents,
+                    request_deserializer=nodepool_dot_v1_dot_node__manager__pb2.GetNodeEventsRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_node__manager__pb2.GetNodeEventsResponse.SerializeToString,
+            ),
+            'GetPoolStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPoolStats,
+                    request_deserializer=nodepool_dot_v1_dot_node__manager__pb2.GetPoolStatsRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_node__manager__pb2.GetPoolStatsResponse.SerializeToString,
+            ),
+            'ReadmitNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadmitNode,
+                    request_deserializer=nodepool_dot_v1_dot_node__manager__pb2.ReadmitNodeRequest.FromString,
+                    response_serializer=nodepool_dot_v1_dot_node__manager__pb2.ReadmitNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +276,87 @@ class NodeManager:
             '/nodepool.v1.NodeManager/RemoveNode',
             nodepool_dot_v1_dot_node__manager__pb2.RemoveNodeRequest.SerializeToString,
             nodepool_dot_v1_dot_node__manager__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNodeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.NodeManager/GetNodeEvents',
+            nodepool_dot_v1_dot_node__manager__pb2.GetNodeEventsRequest.SerializeToString,
+            nodepool_dot_v1_dot_node__manager__pb2.GetNodeEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPoolStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.NodeManager/GetPoolStats',
+            nodepool_dot_v1_dot_node__manager__pb2.GetPoolStatsRequest.SerializeToString,
+            nodepool_dot_v1_dot_node__manager__pb2.GetPoolStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadmitNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodepool.v1.NodeManager/ReadmitNode',
+            nodepool_dot_v1_dot_node__manager__pb2.ReadmitNodeRequest.SerializeToString,
+            nodepool_dot_v1_dot_node__manager__pb2.ReadmitNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

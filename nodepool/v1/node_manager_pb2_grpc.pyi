@@ -40,6 +40,16 @@ class NodeManagerStub:
     """The heartbeat: carries live metrics; cheap on the server (cache first)."""
     GetNodeList: _grpc.UnaryUnaryMultiCallable[_node_manager_pb2.GetNodeListRequest, _node_manager_pb2.GetNodeListResponse]
     RemoveNode: _grpc.UnaryUnaryMultiCallable[_node_manager_pb2.RemoveNodeRequest, _node_manager_pb2.RemoveNodeResponse]
+    """Removes at once, or with drain: no new tasks, running ones may finish until the
+    deadline, then the node is removed. A removed node may not register again until an
+    admin re-admits it.
+    """
+    GetNodeEvents: _grpc.UnaryUnaryMultiCallable[_node_manager_pb2.GetNodeEventsRequest, _node_manager_pb2.GetNodeEventsResponse]
+    """A node's status history (registered, offline, online again, drain, removed)."""
+    GetPoolStats: _grpc.UnaryUnaryMultiCallable[_node_manager_pb2.GetPoolStatsRequest, _node_manager_pb2.GetPoolStatsResponse]
+    """Admin: node counts by status and the task queue."""
+    ReadmitNode: _grpc.UnaryUnaryMultiCallable[_node_manager_pb2.ReadmitNodeRequest, _node_manager_pb2.ReadmitNodeResponse]
+    """Admin: lets a removed node id register again."""
 
 @_typing.type_check_only
 class NodeManagerAsyncStub(NodeManagerStub):
@@ -53,6 +63,16 @@ class NodeManagerAsyncStub(NodeManagerStub):
     """The heartbeat: carries live metrics; cheap on the server (cache first)."""
     GetNodeList: _aio.UnaryUnaryMultiCallable[_node_manager_pb2.GetNodeListRequest, _node_manager_pb2.GetNodeListResponse]  # type: ignore[assignment]
     RemoveNode: _aio.UnaryUnaryMultiCallable[_node_manager_pb2.RemoveNodeRequest, _node_manager_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    """Removes at once, or with drain: no new tasks, running ones may finish until the
+    deadline, then the node is removed. A removed node may not register again until an
+    admin re-admits it.
+    """
+    GetNodeEvents: _aio.UnaryUnaryMultiCallable[_node_manager_pb2.GetNodeEventsRequest, _node_manager_pb2.GetNodeEventsResponse]  # type: ignore[assignment]
+    """A node's status history (registered, offline, online again, drain, removed)."""
+    GetPoolStats: _aio.UnaryUnaryMultiCallable[_node_manager_pb2.GetPoolStatsRequest, _node_manager_pb2.GetPoolStatsResponse]  # type: ignore[assignment]
+    """Admin: node counts by status and the task queue."""
+    ReadmitNode: _aio.UnaryUnaryMultiCallable[_node_manager_pb2.ReadmitNodeRequest, _node_manager_pb2.ReadmitNodeResponse]  # type: ignore[assignment]
+    """Admin: lets a removed node id register again."""
 
 class NodeManagerServicer(metaclass=_abc_1.ABCMeta):
     """NodeManager registers worker nodes and receives their heartbeats.
@@ -86,6 +106,34 @@ class NodeManagerServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _node_manager_pb2.RemoveNodeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_node_manager_pb2.RemoveNodeResponse, _abc.Awaitable[_node_manager_pb2.RemoveNodeResponse]]: ...
+    ) -> _typing.Union[_node_manager_pb2.RemoveNodeResponse, _abc.Awaitable[_node_manager_pb2.RemoveNodeResponse]]:
+        """Removes at once, or with drain: no new tasks, running ones may finish until the
+        deadline, then the node is removed. A removed node may not register again until an
+        admin re-admits it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetNodeEvents(
+        self,
+        request: _node_manager_pb2.GetNodeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_manager_pb2.GetNodeEventsResponse, _abc.Awaitable[_node_manager_pb2.GetNodeEventsResponse]]:
+        """A node's status history (registered, offline, online again, drain, removed)."""
+
+    @_abc_1.abstractmethod
+    def GetPoolStats(
+        self,
+        request: _node_manager_pb2.GetPoolStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_manager_pb2.GetPoolStatsResponse, _abc.Awaitable[_node_manager_pb2.GetPoolStatsResponse]]:
+        """Admin: node counts by status and the task queue."""
+
+    @_abc_1.abstractmethod
+    def ReadmitNode(
+        self,
+        request: _node_manager_pb2.ReadmitNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_manager_pb2.ReadmitNodeResponse, _abc.Awaitable[_node_manager_pb2.ReadmitNodeResponse]]:
+        """Admin: lets a removed node id register again."""
 
 def add_NodeManagerServicer_to_server(servicer: NodeManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
