@@ -37,12 +37,20 @@ __all__ = [
     "AuditEntry",
     "AuditStore",
     "Heartbeat",
+    "NewTask",
+    "NodeEventRecord",
+    "NodeLoad",
     "NodeRecord",
     "NodeStore",
     "Page",
+    "PoolStats",
+    "QueuedTask",
+    "ReportState",
+    "ReportVerdict",
     "SessionRecord",
     "Store",
     "TaskRecord",
+    "TaskReportIn",
     "TaskStore",
     "Unset",
     "UserRecord",
@@ -110,6 +118,25 @@ class NodeRecord:
     registered_at: datetime
     last_heartbeat: datetime | None
     updated_at: datetime
+    drain_deadline: datetime | None = None
+    task_slots: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEventRecord:
+    id: int
+    node_id: str
+    at: datetime
+    event: str
+    status: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    nodes_by_status: Mapping[str, int]
+    tasks_by_status: Mapping[str, int]
+    task_slots_online: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +172,74 @@ class TaskRecord:
     started_at: datetime | None
     finished_at: datetime | None
     lease_expires_at: datetime | None
+    priority: int = 0
+    required_labels: Mapping[str, str] = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """One task of a :meth:`TaskStore.create_tasks` batch."""
+
+    task_type: str
+    payload: bytes = b""
+    required_cpu_cores: int = 0
+    required_memory_gb: float = 0.0
+    required_labels: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_seconds: int = 3600
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedTask:
+    """What the scheduler needs to place a pending task."""
+
+    id: str
+    owner_id: int
+    priority: int
+    required_cpu_cores: int
+    required_memory_gb: float
+    required_labels: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLoad:
+    """What a node's active tasks hold of it."""
+
+    tasks: int
+    cpu_cores: int
+    memory_gb: float
+
+
+class ReportState(enum.Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReportIn:
+    """A worker's word on one attempt of one task."""
+
+    task_id: str
+    attempt: int
+    state: ReportState
+    progress: float = 0.0
+    result: bytes = b""
+    error: str = ""
+    exit_code: int | None = None
+
+
+class ReportVerdict(enum.Enum):
+    ACCEPTED = "accepted"
+    NOT_FOUND = "not_found"
+    # The node held this attempt once, but the task has moved on (requeued, cancelled,
+    # timed out, finished): a late report.
+    STALE = "stale"
+    # The node never held this attempt of the task.
+    NOT_ASSIGNED = "not_assigned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,8 +469,12 @@ class NodeStore(abc.ABC):
         disk_gb: float | None = None,
         labels: Mapping[str, str] | None = None,
         max_nodes_per_owner: int | None = None,
+        task_slots: int = 0,
     ) -> tuple[NodeRecord, bool]:
         """Insert the node, or update it when ``owner`` already holds ``node_id``.
+
+        A ``registered`` event is recorded. :class:`NodeRemoved` when the id was removed
+        and not re-admitted.
 
         Either way the node becomes ``online`` with ``last_heartbeat`` = now; a pending drain
         request is kept. Returns the record and whether it was created.
@@ -398,17 +497,23 @@ class NodeStore(abc.ABC):
         status: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Page[NodeRecord]:
-        """Nodes ordered by id, optionally only ``owner``'s and/or in ``status``."""
+        """Nodes ordered by id, optionally only ``owner``'s, in ``status``, and carrying
+        every one of ``labels``."""
 
     @abc.abstractmethod
     def count_nodes(self, *, owner: str | None = None, status: str | None = None) -> int:
         """How many nodes match (an unknown owner has none)."""
 
     @abc.abstractmethod
-    def remove_node(self, node_id: str, *, owner: str | None = None) -> None:
+    def remove_node(
+        self, node_id: str, *, owner: str | None = None, removed_by: str = "", reason: str = ""
+    ) -> None:
         """Delete the node; its unfinished tasks go back to ``pending`` in the same
         transaction (finished ones keep their history with ``assigned_node_id`` NULL).
+        The id is recorded as removed (it may not register again until re-admitted) and a
+        ``removed`` event is kept.
 
         :class:`NotFound` when missing, or not ``owner``'s when ``owner`` is given.
         """
@@ -435,6 +540,44 @@ class NodeStore(abc.ABC):
     @abc.abstractmethod
     def delete_offline_nodes_before(self, cutoff: datetime) -> int:
         """Delete offline nodes last seen before ``cutoff`` (retention); returns the count."""
+
+    @abc.abstractmethod
+    def request_drain(
+        self, node_id: str, *, deadline: datetime, owner: str | None = None
+    ) -> NodeRecord:
+        """Mark the node draining until ``deadline`` (no new tasks; its heartbeat reply
+        says so); records a ``drain_requested`` event. :class:`NotFound` as for
+        :meth:`remove_node`."""
+
+    @abc.abstractmethod
+    def finish_drains(self, now: datetime, removed_by: str) -> list[str]:
+        """Remove every draining node that has no active task left or whose deadline has
+        passed (its tasks requeued), as :meth:`remove_node` does; returns their ids."""
+
+    @abc.abstractmethod
+    def readmit_node(self, node_id: str, actor: str) -> None:
+        """Let a removed node id register again; :class:`NotFound` if it was not removed."""
+
+    @abc.abstractmethod
+    def fail_silent_nodes(self, older_than: datetime) -> tuple[list[str], list[str]]:
+        """In one transaction: mark offline every non-offline node last seen before
+        ``older_than`` (an ``offline`` event each), and requeue their active tasks.
+        Returns (node ids, task ids)."""
+
+    @abc.abstractmethod
+    def mark_node_online(self, node_id: str, at: datetime) -> bool:
+        """An offline node that beats again: ``online`` now (an ``online`` event);
+        ``True`` if it was offline."""
+
+    @abc.abstractmethod
+    def list_node_events(
+        self, node_id: str, *, limit: int = 100, cursor: str | None = None
+    ) -> Page[NodeEventRecord]:
+        """The node's events, newest first (kept after the node is removed)."""
+
+    @abc.abstractmethod
+    def pool_stats(self) -> PoolStats:
+        """Nodes by status, active tasks by status, and the task slots of online nodes."""
 
 
 class TaskStore(abc.ABC):
@@ -537,6 +680,51 @@ class TaskStore(abc.ABC):
         statuses: Iterable[str] = TASK_TERMINAL_STATUSES,
     ) -> int:
         """Delete tasks in ``statuses`` (terminal only) that finished before ``cutoff``."""
+
+    @abc.abstractmethod
+    def create_tasks(
+        self, owner: str, tasks: Sequence[NewTask], *, max_pending: int | None = None
+    ) -> list[tuple[TaskRecord, bool]]:
+        """Create ``tasks`` for ``owner`` in one transaction, all or none; each as
+        :meth:`create_task` (an idempotency key seen before returns the earlier task with
+        ``False``). :class:`LimitExceeded` when the owner would have more than
+        ``max_pending`` pending tasks."""
+
+    @abc.abstractmethod
+    def queued_tasks(self, *, per_owner: int, limit: int) -> list[QueuedTask]:
+        """Pending tasks in the order the scheduler should place them: higher priority
+        first; within a priority, owners take turns (each owner's oldest first), so one
+        owner's flood does not starve the others. At most ``per_owner`` of each owner."""
+
+    @abc.abstractmethod
+    def node_loads(self) -> dict[str, NodeLoad]:
+        """For every node with active (assigned or running) tasks, what they hold."""
+
+    @abc.abstractmethod
+    def assign_tasks(self, assignments: Sequence[tuple[str, str]]) -> list[TaskRecord]:
+        """Compare-and-set each (task id, node id): a task still ``pending`` becomes
+        ``assigned`` to the node, ``attempts`` + 1, lease = now + timeout, and the attempt
+        is recorded. Returns the tasks assigned (a task cancelled meanwhile is skipped)."""
+
+    @abc.abstractmethod
+    def active_tasks_of_node(self, node_id: str) -> list[TaskRecord]:
+        """The node's assigned and running tasks, oldest assignment first."""
+
+    @abc.abstractmethod
+    def report_tasks(self, node_id: str, reports: Sequence[TaskReportIn]) -> list[ReportVerdict]:
+        """Apply a worker's reports in one transaction, each fenced by (node, attempt):
+        only the node holding the task's current attempt changes it. Running reports
+        set progress (``started_at`` once); completed stores the result; failed retries
+        while attempts remain, else fails. One verdict per report, in order."""
+
+    @abc.abstractmethod
+    def fail_overdue_tasks(self, now: datetime) -> list[TaskRecord]:
+        """Assigned or running tasks whose lease ended before ``now`` become ``failed``
+        ("timed out"); returns them as they were (with their node) so it can be told."""
+
+    @abc.abstractmethod
+    def unfinished_task_count(self, owner: str) -> int:
+        """How many of ``owner``'s tasks are pending, assigned or running."""
 
 
 class AuditStore(abc.ABC):

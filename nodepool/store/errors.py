@@ -7,6 +7,7 @@ __all__ = [
     "Conflict",
     "InvalidArgument",
     "LimitExceeded",
+    "NodeRemoved",
     "NotFound",
     "StoreError",
     "StoreUnavailable",
@@ -27,6 +28,10 @@ class AlreadyExists(StoreError):
 
 class Conflict(StoreError):
     """The record is not in the state the operation requires (a failed compare-and-set)."""
+
+
+class NodeRemoved(Conflict):
+    """The node id was removed and may not register until an admin re-admits it."""
 
 
 class LimitExceeded(StoreError):

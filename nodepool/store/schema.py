@@ -40,6 +40,7 @@ __all__ = [
     "RefreshSession",
     "RemovedNode",
     "Task",
+    "TaskAttempt",
     "UTCDateTime",
     "User",
     "UserRole",
@@ -211,6 +212,20 @@ class Task(Base):
     # NULL for tasks submitted before labels existed: no requirement.
     required_labels: Mapped[dict[str, Any] | None]
     exit_code: Mapped[int | None] = mapped_column(Integer)
+
+
+class TaskAttempt(Base):
+    """Which node ran which attempt of a task: the fence that tells a late report (from a
+    node that held an earlier attempt) from a report by a node that never held the task."""
+
+    __tablename__ = "task_attempts"
+
+    task_id: Mapped[str] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(128))
+    assigned_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
 class ApiKey(Base):

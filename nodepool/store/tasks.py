@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,6 +11,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     and_,
+    bindparam,
     case,
     delete,
     false,
@@ -24,24 +25,33 @@ from sqlalchemy import (
 from nodepool.store.base import (
     TASK_ACTIVE_STATUSES,
     TASK_TERMINAL_STATUSES,
+    NewTask,
+    NodeLoad,
     Page,
+    QueuedTask,
+    ReportState,
+    ReportVerdict,
     TaskRecord,
+    TaskReportIn,
     TaskStore,
 )
 from nodepool.store.errors import (
     AlreadyExists,
     Conflict,
     InvalidArgument,
+    LimitExceeded,
     NotFound,
 )
-from nodepool.store.schema import Task, User
+from nodepool.store.schema import Task, TaskAttempt, User
 from nodepool.store.sqlbase import (
     AnyRow,
     AnySelect,
     SqlBase,
+    canonical_username,
     check_limit,
     decode_cursor,
     encode_cursor,
+    json_object,
 )
 
 __all__ = ["SqlTaskStore", "requeue_tasks"]
@@ -72,6 +82,9 @@ _TASK_COLUMNS = (
     Task.started_at,
     Task.finished_at,
     Task.lease_expires_at,
+    Task.priority,
+    Task.required_labels,
+    Task.exit_code,
 )
 
 
@@ -81,7 +94,13 @@ def _task(row: AnyRow) -> TaskRecord:
     fields["payload"] = bytes(fields["payload"])
     if fields["result"] is not None:
         fields["result"] = bytes(fields["result"])
+    fields["required_labels"] = dict(fields["required_labels"] or {})
     return TaskRecord(**fields)
+
+
+def _check_new_task(task: NewTask) -> None:
+    if task.max_attempts < 1 or task.timeout_seconds < 1:
+        raise InvalidArgument("max_attempts and timeout_seconds must be at least 1")
 
 
 def requeue_tasks(
@@ -150,45 +169,123 @@ class SqlTaskStore(SqlBase, TaskStore):
         timeout_seconds: int = 3600,
         idempotency_key: str | None = None,
     ) -> tuple[TaskRecord, bool]:
-        if max_attempts < 1 or timeout_seconds < 1:
-            raise InvalidArgument("max_attempts and timeout_seconds must be at least 1")
-        now = self._now()
-        task_id = uuid.uuid4().hex
+        new = NewTask(
+            task_type=task_type,
+            payload=payload,
+            required_cpu_cores=required_cpu_cores,
+            required_memory_gb=required_memory_gb,
+            max_attempts=max_attempts,
+            timeout_seconds=timeout_seconds,
+            idempotency_key=idempotency_key,
+        )
+        (created,) = self.create_tasks(owner, [new])
+        return created
+
+    def create_tasks(
+        self, owner: str, tasks: Sequence[NewTask], *, max_pending: int | None = None
+    ) -> list[tuple[TaskRecord, bool]]:
+        for task in tasks:
+            _check_new_task(task)
         try:
-            with self._write() as conn:
-                owner_id = self._user_id(conn, owner)
-                if idempotency_key is not None:
-                    existing = self._existing_task(conn, owner_id, idempotency_key)
-                    if existing is not None:
-                        return existing, False
-                conn.execute(
-                    insert(Task).values(
-                        id=task_id,
-                        user_id=owner_id,
-                        task_type=task_type,
-                        status="pending",
-                        payload=payload,
-                        required_cpu_cores=required_cpu_cores,
-                        required_memory_gb=required_memory_gb,
-                        attempts=0,
-                        max_attempts=max_attempts,
-                        timeout_seconds=timeout_seconds,
-                        progress=0.0,
-                        idempotency_key=idempotency_key,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                return self._load_task(conn, task_id), True
+            return self._create_tasks(owner, tasks, max_pending)
         except AlreadyExists:
-            # A concurrent submission with the same key won the insert.
-            if idempotency_key is None:
-                raise
-            with self._read() as conn:
-                existing = self._existing_task(conn, self._user_id(conn, owner), idempotency_key)
-            if existing is None:
-                raise
-            return existing, False
+            # A concurrent submission with one of the same keys won the insert; now the
+            # keys exist and come back as the earlier tasks.
+            return self._create_tasks(owner, tasks, max_pending)
+
+    def _create_tasks(
+        self, owner: str, tasks: Sequence[NewTask], max_pending: int | None
+    ) -> list[tuple[TaskRecord, bool]]:
+        now = self._now()
+        with self._write() as conn:
+            # Locking the owner serialises this owner's submissions on PostgreSQL, so the
+            # pending limit and the insert cannot interleave.
+            owner_row = conn.execute(
+                select(User.id, User.username)
+                .where(User.username_canonical == canonical_username(owner))
+                .with_for_update()
+            ).first()
+            if owner_row is None:
+                raise NotFound("no such user")
+            owner_id, owner_name = owner_row
+            keys = [task.idempotency_key for task in tasks if task.idempotency_key is not None]
+            earlier: dict[str, TaskRecord] = {}
+            if keys:
+                for row in conn.execute(
+                    self._task_query().where(
+                        Task.user_id == owner_id, Task.idempotency_key.in_(keys)
+                    )
+                ):
+                    record = _task(row)
+                    assert record.idempotency_key is not None
+                    earlier[record.idempotency_key] = record
+            results: list[tuple[TaskRecord, bool]] = []
+            rows: list[dict[str, Any]] = []
+            for task in tasks:
+                key = task.idempotency_key
+                if key is not None and key in earlier:
+                    results.append((earlier[key], False))
+                    continue
+                record = TaskRecord(
+                    id=uuid.uuid4().hex,
+                    owner_id=owner_id,
+                    owner=owner_name,
+                    task_type=task.task_type,
+                    status="pending",
+                    payload=task.payload,
+                    required_cpu_cores=task.required_cpu_cores,
+                    required_memory_gb=task.required_memory_gb,
+                    assigned_node_id=None,
+                    result=None,
+                    error=None,
+                    attempts=0,
+                    max_attempts=task.max_attempts,
+                    timeout_seconds=task.timeout_seconds,
+                    progress=0.0,
+                    idempotency_key=key,
+                    created_at=now,
+                    updated_at=now,
+                    started_at=None,
+                    finished_at=None,
+                    lease_expires_at=None,
+                    priority=task.priority,
+                    required_labels=dict(task.required_labels),
+                )
+                if key is not None:
+                    earlier[key] = record  # a key repeated inside the batch
+                results.append((record, True))
+                rows.append(
+                    {
+                        "id": record.id,
+                        "user_id": owner_id,
+                        "task_type": record.task_type,
+                        "status": "pending",
+                        "payload": record.payload,
+                        "required_cpu_cores": record.required_cpu_cores,
+                        "required_memory_gb": record.required_memory_gb,
+                        "required_labels": json_object(record.required_labels),
+                        "priority": record.priority,
+                        "attempts": 0,
+                        "max_attempts": record.max_attempts,
+                        "timeout_seconds": record.timeout_seconds,
+                        "progress": 0.0,
+                        "idempotency_key": key,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+            if not rows:
+                return results
+            if max_pending is not None:
+                pending = conn.scalar(
+                    select(func.count())
+                    .select_from(Task)
+                    .where(Task.user_id == owner_id, Task.status == "pending")
+                )
+                if (pending or 0) + len(rows) > max_pending:
+                    raise LimitExceeded("too many pending tasks")
+            conn.execute(insert(Task), rows)
+        return results
 
     def get_task(self, task_id: str) -> TaskRecord:
         with self._read() as conn:
@@ -379,3 +476,259 @@ class SqlTaskStore(SqlBase, TaskStore):
             return conn.execute(
                 delete(Task).where(Task.status.in_(chosen), Task.finished_at < cutoff)
             ).rowcount
+
+    def queued_tasks(self, *, per_owner: int, limit: int) -> list[QueuedTask]:
+        turn = (
+            func.row_number()
+            .over(
+                partition_by=(Task.user_id, Task.priority),
+                order_by=(Task.created_at, Task.id),
+            )
+            .label("turn")
+        )
+        pending = (
+            select(
+                Task.id,
+                Task.user_id.label("owner_id"),
+                Task.priority,
+                Task.required_cpu_cores,
+                Task.required_memory_gb,
+                Task.required_labels,
+                Task.created_at,
+                turn,
+            )
+            .where(Task.status == "pending")
+            .subquery()
+        )
+        query = (
+            select(pending)
+            .where(pending.c.turn <= per_owner)
+            .order_by(pending.c.priority.desc(), pending.c.turn, pending.c.created_at, pending.c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            QueuedTask(
+                id=row.id,
+                owner_id=row.owner_id,
+                priority=row.priority,
+                required_cpu_cores=row.required_cpu_cores,
+                required_memory_gb=row.required_memory_gb,
+                required_labels=dict(row.required_labels or {}),
+            )
+            for row in rows
+        ]
+
+    def node_loads(self) -> dict[str, NodeLoad]:
+        query = (
+            select(
+                Task.assigned_node_id,
+                func.count(),
+                func.coalesce(func.sum(Task.required_cpu_cores), 0),
+                func.coalesce(func.sum(Task.required_memory_gb), 0.0),
+            )
+            .where(Task.status.in_(_OWNED_STATES), Task.assigned_node_id.is_not(None))
+            .group_by(Task.assigned_node_id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return {
+            str(node_id): NodeLoad(int(count), int(cpu), float(memory))
+            for node_id, count, cpu, memory in rows
+        }
+
+    def assign_tasks(self, assignments: Sequence[tuple[str, str]]) -> list[TaskRecord]:
+        if not assignments:
+            return []
+        node_of = dict(assignments)
+        now = self._now()
+        with self._write() as conn:
+            rows = conn.execute(
+                select(Task.id, Task.attempts, Task.timeout_seconds)
+                .where(Task.id.in_(sorted(node_of)), Task.status == "pending")
+                .order_by(Task.id)
+                # PostgreSQL: rows another claimer holds are skipped, not waited for.
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return []
+            params = [
+                {
+                    "t_id": row.id,
+                    "t_node": node_of[row.id],
+                    "t_attempt": row.attempts + 1,
+                    "t_lease": now + timedelta(seconds=row.timeout_seconds),
+                }
+                for row in rows
+            ]
+            conn.execute(
+                update(Task)
+                .where(Task.id == bindparam("t_id"), Task.status == "pending")
+                .values(
+                    status="assigned",
+                    assigned_node_id=bindparam("t_node"),
+                    attempts=bindparam("t_attempt"),
+                    progress=0.0,
+                    started_at=None,
+                    updated_at=now,
+                    lease_expires_at=bindparam("t_lease"),
+                ),
+                params,
+            )
+            conn.execute(
+                insert(TaskAttempt),
+                [
+                    {
+                        "task_id": p["t_id"],
+                        "attempt": p["t_attempt"],
+                        "node_id": p["t_node"],
+                        "assigned_at": now,
+                    }
+                    for p in params
+                ],
+            )
+            assigned = conn.execute(
+                self._task_query().where(Task.id.in_([p["t_id"] for p in params]))
+            ).all()
+        return [_task(row) for row in assigned]
+
+    def active_tasks_of_node(self, node_id: str) -> list[TaskRecord]:
+        query = (
+            self._task_query()
+            .where(Task.assigned_node_id == node_id, Task.status.in_(_OWNED_STATES))
+            .order_by(Task.updated_at, Task.id)
+        )
+        with self._read() as conn:
+            return [_task(row) for row in conn.execute(query)]
+
+    def report_tasks(self, node_id: str, reports: Sequence[TaskReportIn]) -> list[ReportVerdict]:
+        if not reports:
+            return []
+        ids = sorted({report.task_id for report in reports})
+        now = self._now()
+        with self._write() as conn:
+            state = {
+                row.id: dict(row._mapping)
+                for row in conn.execute(
+                    select(
+                        Task.id,
+                        Task.status,
+                        Task.assigned_node_id,
+                        Task.attempts,
+                        Task.max_attempts,
+                        Task.started_at,
+                    ).where(Task.id.in_(ids))
+                )
+            }
+            held = {
+                (row.task_id, row.attempt)
+                for row in conn.execute(
+                    select(TaskAttempt.task_id, TaskAttempt.attempt).where(
+                        TaskAttempt.task_id.in_(ids), TaskAttempt.node_id == node_id
+                    )
+                )
+            }
+            verdicts: list[ReportVerdict] = []
+            for report in reports:
+                task = state.get(report.task_id)
+                if task is None:
+                    verdicts.append(ReportVerdict.NOT_FOUND)
+                elif (report.task_id, report.attempt) not in held:
+                    verdicts.append(ReportVerdict.NOT_ASSIGNED)
+                elif (
+                    task["assigned_node_id"] != node_id
+                    or task["attempts"] != report.attempt
+                    or task["status"] not in _OWNED_STATES
+                ):
+                    verdicts.append(ReportVerdict.STALE)
+                else:
+                    self._apply_report(conn, task, report, now)
+                    verdicts.append(ReportVerdict.ACCEPTED)
+        return verdicts
+
+    @staticmethod
+    def _apply_report(
+        conn: Connection, task: dict[str, Any], report: TaskReportIn, now: datetime
+    ) -> None:
+        """One accepted report, compare-and-set on the attempt; ``task`` (the row as this
+        transaction sees it) is updated so a later report in the batch sees the change."""
+        values: dict[str, Any]
+        if report.state is ReportState.RUNNING:
+            values = {
+                "status": "running",
+                "progress": min(max(report.progress, 0.0), 1.0),
+                "started_at": task["started_at"] or now,
+            }
+        elif report.state is ReportState.COMPLETED:
+            values = {
+                "status": "completed",
+                "result": report.result,
+                "exit_code": report.exit_code,
+                "error": None,
+                "progress": 1.0,
+                "started_at": task["started_at"] or now,
+                "finished_at": now,
+                "lease_expires_at": None,
+            }
+        elif task["attempts"] < task["max_attempts"]:
+            values = {
+                "status": "pending",
+                "assigned_node_id": None,
+                "error": report.error,
+                "exit_code": report.exit_code,
+                "progress": 0.0,
+                "started_at": None,
+                "lease_expires_at": None,
+            }
+        else:
+            values = {
+                "status": "failed",
+                "error": report.error,
+                "exit_code": report.exit_code,
+                "result": report.result or None,
+                "finished_at": now,
+                "lease_expires_at": None,
+            }
+        conn.execute(
+            update(Task)
+            .where(
+                Task.id == task["id"],
+                Task.attempts == report.attempt,
+                Task.status.in_(_OWNED_STATES),
+            )
+            .values(updated_at=now, **values)
+        )
+        task.update(values)
+
+    def fail_overdue_tasks(self, now: datetime) -> list[TaskRecord]:
+        overdue = and_(Task.status.in_(_OWNED_STATES), Task.lease_expires_at < now)
+        with self._write() as conn:
+            records = [_task(row) for row in conn.execute(self._task_query().where(overdue))]
+            if records:
+                conn.execute(
+                    update(Task)
+                    .where(Task.id.in_([r.id for r in records]), overdue)
+                    .values(
+                        status="failed",
+                        error="timed out",
+                        finished_at=now,
+                        updated_at=now,
+                        lease_expires_at=None,
+                    )
+                )
+        return records
+
+    def unfinished_task_count(self, owner: str) -> int:
+        with self._read() as conn:
+            return int(
+                conn.scalar(
+                    select(func.count())
+                    .select_from(Task)
+                    .where(
+                        self._owner_filter(Task.user_id, owner),
+                        Task.status.in_(TASK_ACTIVE_STATUSES),
+                    )
+                )
+                or 0
+            )

@@ -1,5 +1,5 @@
-"""Nodes and tasks grow what the scheduler needs; node history and removals; device-bound
-API keys; an index for the per-second revoked-session poll.
+"""Nodes and tasks grow what the scheduler needs; node history, removals, task attempts;
+device-bound API keys; an index for the per-second revoked-session poll.
 
 Revision ID: 0002
 Revises: 0001
@@ -51,6 +51,22 @@ def upgrade() -> None:
     )
     op.create_index("idx_node_events_node_id_id", "node_events", ["node_id", "id"])
     op.create_table(
+        "task_attempts",
+        sa.Column("task_id", sa.String(length=32), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("node_id", sa.String(length=128), nullable=False),
+        sa.Column(
+            "assigned_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.ForeignKeyConstraint(
+            ["task_id"],
+            ["tasks.id"],
+            name=op.f("fk_task_attempts_task_id_tasks"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("task_id", "attempt", name=op.f("pk_task_attempts")),
+    )
+    op.create_table(
         "removed_nodes",
         sa.Column("node_id", sa.String(length=128), nullable=False),
         sa.Column(
@@ -64,6 +80,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("removed_nodes")
+    op.drop_table("task_attempts")
     op.drop_index("idx_node_events_node_id_id", table_name="node_events")
     op.drop_table("node_events")
     op.drop_index("idx_refresh_sessions_revoked_at", table_name="refresh_sessions")
