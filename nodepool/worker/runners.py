@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import math
@@ -188,6 +189,11 @@ class Runners:
             (resource.RLIMIT_CORE, 0, 0),
         )
         self._rlimit_args = tuple(f"{kind}:{soft}:{hard}" for kind, soft, hard in rlimits)
+        self._cpu_error = f"CPU time limit exceeded ({cpu} s)"
+        self._memory_error = f"memory limit exceeded ({_mebibytes(limits.python_memory_bytes)})"
+        self._file_size_error = (
+            f"file size limit exceeded ({_mebibytes(limits.python_max_file_bytes)})"
+        )
 
     def supports(self, task_type: str) -> bool:
         if task_type == "python":
@@ -301,15 +307,17 @@ class Runners:
         elif returncode == 0:
             return TaskOutcome(True, output, 0, "", output_truncated=truncated)
         elif returncode == -signal.SIGXCPU:
-            error = f"CPU time limit exceeded ({self._limits.python_cpu_seconds} s)"
+            error = self._cpu_error
         elif returncode == -signal.SIGXFSZ:
-            error = f"file size limit exceeded ({_mebibytes(self._limits.python_max_file_bytes)})"
+            error = self._file_size_error
         elif returncode < 0:
             error = f"killed by {_signal_name(-returncode)}"
         else:
             line = _last_line(bytes(capture.stderr_tail))
             if line.startswith("MemoryError"):
-                error = f"memory limit exceeded ({_mebibytes(self._limits.python_memory_bytes)})"
+                error = self._memory_error
+            elif f"[Errno {errno.EFBIG}]" in line:  # Python ignores SIGXFSZ: the write fails
+                error = self._file_size_error
             else:
                 error = f"exit status {returncode}: {line}" if line else f"exit status {returncode}"
         return TaskOutcome(False, output, returncode, error, output_truncated=truncated)
