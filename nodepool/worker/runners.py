@@ -289,11 +289,13 @@ class Runners:
         finally:
             # Reached first on cancellation: kill before anything else can be awaited.
             _kill_group(pid)
-            if not capture.exited.done():
-                await asyncio.wait([capture.exited], timeout=_REAP_SECONDS)
-            # Only once the exit is known: close() would otherwise poll the pid itself and
-            # race the child watcher that reaps it.
-            transport.close()
+            try:
+                if not capture.exited.done():
+                    await asyncio.wait([capture.exited], timeout=_REAP_SECONDS)
+            finally:
+                # Once the exit is known, if we can: close() would otherwise poll the pid
+                # itself and race the child watcher that reaps it.
+                transport.close()
         return self._script_outcome(spec, transport.get_returncode(), timed_out, capture)
 
     def _script_outcome(

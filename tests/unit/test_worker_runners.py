@@ -300,6 +300,8 @@ async def test_each_script_gets_its_own_directory_removed_afterwards(
 async def test_a_directory_the_script_locked_is_still_removed(
     runners: Runners, temp_root: Path
 ) -> None:
+    # Run as root, the removal would succeed without giving the permissions back; as any
+    # other user (a contributed machine's worker) this fails if it does not.
     script = """\
         import os
         os.makedirs("a/b")
