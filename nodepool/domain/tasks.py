@@ -1,0 +1,565 @@
+"""Tasks: submission, the scheduler, delivery to workers, reports, cancel and timeouts.
+
+Plain Python over the task store; the servicer translates. The database is the truth:
+a task is persisted before its submission is answered, every assignment is a
+compare-and-set recorded with its attempt number, and a report counts only from the node
+holding the task's current attempt, so nothing is run twice by mistake when nodes die,
+servers restart or users cancel. What lives in memory only makes things fast: the
+scheduler is woken by events (a submission, a freed slot, a node joining) rather than a
+tick, and each node's delivery stream is woken when something is assigned to it or taken
+from it. A periodic wake-up bounds how long a missed event (or one raised on another
+instance) can delay anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from nodepool.auth.principal import Principal
+from nodepool.domain.nodes import ADMIN_ROLE, NodeEntry, NodeRegistry, check_labels
+from nodepool.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from nodepool.store import (
+    TASK_TERMINAL_STATUSES,
+    Conflict,
+    LimitExceeded,
+    NotFound,
+    Page,
+    StoreUnavailable,
+    TaskRecord,
+    TaskStore,
+)
+from nodepool.store.base import NewTask, NodeLoad, ReportState, ReportVerdict, TaskReportIn
+from nodepool.store.calls import StoreCalls
+
+__all__ = [
+    "TASK_TYPES",
+    "Delivery",
+    "DeliveryHub",
+    "Scheduler",
+    "TaskLimits",
+    "TaskService",
+    "TaskSubmission",
+]
+
+_log = logging.getLogger(__name__)
+
+# What the reference worker runs; a task of any other type could never be placed.
+TASK_TYPES = frozenset({"echo", "sleep", "sha256", "python"})
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+_MAX_PAGE = 1000
+_MAX_BATCH = 1000
+_MAX_WAIT_SECONDS = 60
+_MAX_ERROR_CHARS = 2048
+# A missed wake-up (or one raised on another instance) delays work at most this long.
+_FALLBACK_WAKE_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    max_payload_bytes: int = 1 << 20
+    max_result_bytes: int = 1 << 20
+    max_pending_per_user: int = 10_000
+    default_max_attempts: int = 3
+    max_attempts: int = 10
+    default_timeout_seconds: int = 3600
+    max_timeout_seconds: int = 7 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSubmission:
+    task_type: str
+    payload: bytes = b""
+    cpu_cores: int = 0
+    memory_gb: float = 0.0
+    max_attempts: int = 0
+    timeout_seconds: int = 0
+    idempotency_key: str = ""
+    priority: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message of a node's delivery stream."""
+
+    assignments: list[TaskRecord]
+    stop_task_ids: list[str]
+
+
+class DeliveryHub:
+    """Wakes the delivery streams (and status waiters) of this instance."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, asyncio.Event] = {}
+        self._settled: dict[str, set[str]] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
+
+    def open(self, node_id: str) -> asyncio.Event:
+        if node_id in self._streams:
+            # One stream per node: a reconnecting worker replaces its old stream.
+            self._streams[node_id].set()
+        event = asyncio.Event()
+        self._streams[node_id] = event
+        self._settled[node_id] = set()
+        return event
+
+    def is_current(self, node_id: str, event: asyncio.Event) -> bool:
+        return self._streams.get(node_id) is event
+
+    def close(self, node_id: str, event: asyncio.Event) -> None:
+        if self._streams.get(node_id) is event:
+            del self._streams[node_id]
+            self._settled.pop(node_id, None)
+
+    def notify(self, node_ids: Iterable[str]) -> None:
+        for node_id in node_ids:
+            event = self._streams.get(node_id)
+            if event is not None:
+                event.set()
+
+    def settle(self, node_id: str, task_ids: Iterable[str]) -> None:
+        """The node itself finished these: its stream need not tell it to stop them."""
+        settled = self._settled.get(node_id)
+        if settled is not None:
+            settled.update(task_ids)
+
+    def take_settled(self, node_id: str) -> set[str]:
+        settled = self._settled.get(node_id)
+        if not settled:
+            return set()
+        self._settled[node_id] = set()
+        return settled
+
+    def waiter(self, task_id: str) -> asyncio.Event:
+        return self._waiters.setdefault(task_id, asyncio.Event())
+
+    def forget_waiter(self, task_id: str, event: asyncio.Event) -> None:
+        if self._waiters.get(task_id) is event:
+            del self._waiters[task_id]
+
+    def finished(self, task_ids: Iterable[str]) -> None:
+        for task_id in task_ids:
+            event = self._waiters.pop(task_id, None)
+            if event is not None:
+                event.set()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _is_admin(principal: Principal) -> bool:
+    return ADMIN_ROLE in principal.roles
+
+
+class Scheduler:
+    """Places pending tasks on online, non-draining nodes whose free resources fit.
+
+    Priority first; within a priority, owners take turns (the store's queue order), so one
+    owner's flood does not starve the others; each task goes to the least-loaded node
+    that fits. Assignments are compare-and-set in the store, so even two schedulers could
+    never give one task to two nodes; in a pool of several instances, one runs it at a time
+    (a lease).
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        calls: StoreCalls,
+        nodes: NodeRegistry,
+        hub: DeliveryHub,
+        *,
+        batch: int = 500,
+        per_owner: int = 100,
+    ) -> None:
+        self._store = store
+        self._calls = calls
+        self._nodes = nodes
+        self._hub = hub
+        self._batch = batch
+        self._per_owner = per_owner
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Places tasks whenever woken (and at least every second), until cancelled."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _FALLBACK_WAKE_SECONDS)
+            self._wake.clear()
+            try:
+                placed = await self.place()
+            except (StoreUnavailable, UnavailableError):
+                _log.warning("scheduler: the database is unavailable; will retry")
+                await asyncio.sleep(_FALLBACK_WAKE_SECONDS)
+                continue
+            if placed >= self._batch:
+                self._wake.set()  # more is waiting
+
+    async def place(self) -> int:
+        """One round: returns how many tasks were assigned."""
+        nodes = self._nodes.schedulable()
+        if not nodes:
+            return 0
+        queue = await self._calls(
+            self._store.queued_tasks, per_owner=self._per_owner, limit=self._batch
+        )
+        if not queue:
+            return 0
+        loads: dict[str, NodeLoad] = await self._calls(self._store.node_loads)
+        free: dict[str, list[float]] = {}
+        heap: list[tuple[float, str]] = []
+        by_id: dict[str, NodeEntry] = {}
+        for node in nodes:
+            load = loads.get(node.id, NodeLoad(0, 0, 0.0))
+            slots = node.task_slots - load.tasks
+            if slots <= 0:
+                continue
+            free[node.id] = [
+                slots,
+                node.cpu_cores - load.cpu_cores,
+                node.memory_gb - load.memory_gb,
+            ]
+            by_id[node.id] = node
+            heapq.heappush(heap, (load.tasks / node.task_slots, node.id))
+        assignments: list[tuple[str, str]] = []
+        for task in queue:
+            if not heap:
+                break
+            skipped: list[tuple[float, str]] = []
+            chosen: str | None = None
+            # The least-loaded node first; nodes that do not fit this task are set aside.
+            while heap:
+                load_ratio, node_id = heapq.heappop(heap)
+                room = free[node_id]
+                node = by_id[node_id]
+                if (
+                    task.required_cpu_cores <= room[1]
+                    and task.required_memory_gb <= room[2] + 1e-9
+                    and all(node.labels.get(k) == v for k, v in task.required_labels.items())
+                ):
+                    chosen = node_id
+                    room[0] -= 1
+                    room[1] -= task.required_cpu_cores
+                    room[2] -= task.required_memory_gb
+                    if room[0] > 0:
+                        used = node.task_slots - room[0]
+                        skipped.append((used / node.task_slots, node_id))
+                    break
+                skipped.append((load_ratio, node_id))
+            for item in skipped:
+                heapq.heappush(heap, item)
+            if chosen is not None:
+                assignments.append((task.id, chosen))
+        if not assignments:
+            return 0
+        assigned: list[TaskRecord] = await self._calls(self._store.assign_tasks, assignments)
+        self._hub.notify({task.assigned_node_id for task in assigned if task.assigned_node_id})
+        return len(assigned)
+
+
+def _check_submission(submission: TaskSubmission, limits: TaskLimits) -> NewTask:
+    if submission.task_type not in TASK_TYPES:
+        raise InvalidArgumentError(
+            f"unknown task type; known types: {', '.join(sorted(TASK_TYPES))}"
+        )
+    if len(submission.payload) > limits.max_payload_bytes:
+        raise ResourceExhaustedError(f"payload exceeds {limits.max_payload_bytes} bytes")
+    if not 0 <= submission.cpu_cores <= 4096:
+        raise InvalidArgumentError("requirements.cpu_cores must be at most 4096")
+    memory = submission.memory_gb
+    if not math.isfinite(memory) or not 0 <= memory <= 1 << 20:
+        raise InvalidArgumentError("requirements.memory_gb must be between 0 and 1048576")
+    attempts = submission.max_attempts or limits.default_max_attempts
+    if attempts > limits.max_attempts:
+        raise InvalidArgumentError(f"max_attempts must be at most {limits.max_attempts}")
+    timeout = submission.timeout_seconds or limits.default_timeout_seconds
+    if timeout > limits.max_timeout_seconds:
+        raise InvalidArgumentError(f"timeout_seconds must be at most {limits.max_timeout_seconds}")
+    if not -100 <= submission.priority <= 100:
+        raise InvalidArgumentError("priority must be between -100 and 100")
+    key = submission.idempotency_key
+    if key and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidArgumentError("idempotency_key must be 1-128 plain characters")
+    return NewTask(
+        task_type=submission.task_type,
+        payload=submission.payload,
+        required_cpu_cores=submission.cpu_cores,
+        required_memory_gb=memory,
+        required_labels=check_labels(submission.labels, "labels"),
+        priority=submission.priority,
+        max_attempts=attempts,
+        timeout_seconds=timeout,
+        idempotency_key=key or None,
+    )
+
+
+def _check_task_id(task_id: str) -> str:
+    if not _TASK_ID.fullmatch(task_id):
+        # Not a task id we could have made: answered like a missing task.
+        raise NotFoundError("no such task")
+    return task_id
+
+
+class TaskService:
+    """Every task rule users and workers meet. See the module docstring."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        calls: StoreCalls,
+        nodes: NodeRegistry,
+        scheduler: Scheduler,
+        hub: DeliveryHub,
+        limits: TaskLimits,
+    ) -> None:
+        self._store = store
+        self._calls = calls
+        self._nodes = nodes
+        self._scheduler = scheduler
+        self._hub = hub
+        self._limits = limits
+
+    async def _db(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await self._calls(function, *args, **kwargs)
+        except StoreUnavailable:
+            raise UnavailableError() from None
+
+    # -- users ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _username(principal: Principal) -> str:
+        if principal.username is None:
+            raise PermissionDeniedError()
+        return principal.username
+
+    async def submit(
+        self, principal: Principal, submissions: Sequence[TaskSubmission]
+    ) -> list[TaskRecord]:
+        owner = self._username(principal)
+        if not submissions:
+            raise InvalidArgumentError("no tasks to submit")
+        if len(submissions) > _MAX_BATCH:
+            raise InvalidArgumentError(f"at most {_MAX_BATCH} tasks per call")
+        tasks = [_check_submission(submission, self._limits) for submission in submissions]
+        try:
+            created: list[tuple[TaskRecord, bool]] = await self._db(
+                self._store.create_tasks,
+                owner,
+                tasks,
+                max_pending=self._limits.max_pending_per_user,
+            )
+        except LimitExceeded:
+            raise ResourceExhaustedError(
+                f"at most {self._limits.max_pending_per_user} pending tasks per user"
+            ) from None
+        except NotFound:
+            raise FailedPreconditionError("the account no longer exists") from None
+        if any(new for _, new in created):
+            self._scheduler.wake()
+        return [record for record, _ in created]
+
+    async def _visible(self, principal: Principal, task_id: str) -> TaskRecord:
+        try:
+            task: TaskRecord = await self._db(self._store.get_task, _check_task_id(task_id))
+        except NotFound:
+            raise NotFoundError("no such task") from None
+        if (
+            not _is_admin(principal)
+            and task.owner.casefold() != self._username(principal).casefold()
+        ):
+            raise NotFoundError("no such task")
+        return task
+
+    async def status(self, principal: Principal, task_id: str, wait_seconds: int) -> TaskRecord:
+        if wait_seconds > _MAX_WAIT_SECONDS:
+            raise InvalidArgumentError(f"wait_seconds must be at most {_MAX_WAIT_SECONDS}")
+        task = await self._visible(principal, task_id)
+        if not wait_seconds or task.status in TASK_TERMINAL_STATUSES:
+            return task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while task.status not in TASK_TERMINAL_STATUSES:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            event = self._hub.waiter(task.id)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, _FALLBACK_WAKE_SECONDS))
+            finally:
+                self._hub.forget_waiter(task.id, event)
+            task = await self._visible(principal, task_id)
+        return task
+
+    async def cancel(self, principal: Principal, task_id: str) -> TaskRecord:
+        task = await self._visible(principal, task_id)
+        try:
+            cancelled: TaskRecord = await self._db(self._store.cancel_task, task.id)
+        except NotFound:
+            raise NotFoundError("no such task") from None
+        except Conflict:
+            raise FailedPreconditionError(f"the task has already {task.status}") from None
+        if task.assigned_node_id:
+            self._hub.notify([task.assigned_node_id])
+            self._scheduler.wake()
+        self._hub.finished([task.id])
+        return cancelled
+
+    async def list_page(
+        self,
+        principal: Principal,
+        *,
+        status: str | None,
+        owner: str,
+        page_size: int,
+        cursor: str | None,
+    ) -> Page[TaskRecord]:
+        if _is_admin(principal):
+            scope = owner or None
+        else:
+            scope = self._username(principal)
+            if owner and owner.casefold() != scope.casefold():
+                raise PermissionDeniedError("only an admin may list other users' tasks")
+        try:
+            page: Page[TaskRecord] = await self._db(
+                self._store.list_tasks,
+                owner=scope,
+                status=status,
+                limit=min(page_size or 100, _MAX_PAGE),
+                cursor=cursor or None,
+            )
+        except ValueError:
+            raise InvalidArgumentError("invalid page_token") from None
+        return page
+
+    # -- workers -------------------------------------------------------------------------
+
+    async def deliveries(self, principal: Principal, node_id: str) -> AsyncIterator[Delivery]:
+        """The node's delivery stream: its assignments as they come, and what to stop.
+
+        Ends (raises) when the node is removed. Each (re)connection first sends every
+        task the node holds, so a worker that reconnects learns what it still owns.
+        """
+        node_id = self._nodes.own_node_id(principal, node_id)
+        if self._nodes.get(node_id) is None:
+            raise FailedPreconditionError("the node is not registered; call RegisterNode")
+        event = self._hub.open(node_id)
+        sent: dict[str, int] = {}
+        try:
+            while True:
+                if not self._hub.is_current(node_id, event):
+                    raise FailedPreconditionError("another delivery stream replaced this one")
+                if self._nodes.get(node_id) is None:
+                    raise NotFoundError("the node was removed")
+                event.clear()
+                active: list[TaskRecord] = await self._db(self._store.active_tasks_of_node, node_id)
+                settled = self._hub.take_settled(node_id)
+                current = {task.id: task for task in active}
+                new = [task for task in active if sent.get(task.id) != task.attempts]
+                stop = [
+                    task_id
+                    for task_id, attempt in sent.items()
+                    if task_id not in settled
+                    and (task_id not in current or current[task_id].attempts != attempt)
+                ]
+                for task_id in [*stop, *settled]:
+                    sent.pop(task_id, None)
+                for task in new:
+                    sent[task.id] = task.attempts
+                if new or stop:
+                    yield Delivery(new, stop)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), _FALLBACK_WAKE_SECONDS)
+        finally:
+            self._hub.close(node_id, event)
+
+    async def report(
+        self, principal: Principal, node_id: str, reports: Sequence[TaskReportIn]
+    ) -> list[ReportVerdict]:
+        node_id = self._nodes.own_node_id(principal, node_id)
+        if len(reports) > _MAX_BATCH:
+            raise InvalidArgumentError(f"at most {_MAX_BATCH} reports per call")
+        checked: list[TaskReportIn] = []
+        for report in reports:
+            _check_task_id(report.task_id)
+            if report.attempt < 1:
+                raise InvalidArgumentError("attempt must be at least 1")
+            if not math.isfinite(report.progress) or not 0 <= report.progress <= 1:
+                raise InvalidArgumentError("progress must be between 0 and 1")
+            if len(report.error) > _MAX_ERROR_CHARS:
+                report = TaskReportIn(
+                    report.task_id,
+                    report.attempt,
+                    report.state,
+                    report.progress,
+                    report.result,
+                    report.error[:_MAX_ERROR_CHARS],
+                    report.exit_code,
+                )
+            if len(report.result) > self._limits.max_result_bytes:
+                # Nothing is lost silently: the task fails, and says why.
+                report = TaskReportIn(
+                    report.task_id,
+                    report.attempt,
+                    ReportState.FAILED,
+                    error=f"result exceeds {self._limits.max_result_bytes} bytes",
+                    exit_code=report.exit_code,
+                )
+            checked.append(report)
+        verdicts: list[ReportVerdict] = await self._db(self._store.report_tasks, node_id, checked)
+        done = [
+            report.task_id
+            for report, verdict in zip(checked, verdicts, strict=True)
+            if verdict is ReportVerdict.ACCEPTED and report.state is not ReportState.RUNNING
+        ]
+        if done:
+            self._hub.settle(node_id, done)
+            self._hub.finished(done)
+            self._scheduler.wake()
+        return verdicts
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def fail_overdue(self) -> list[TaskRecord]:
+        """Tasks past their timeout fail; their nodes are told to stop them."""
+        overdue: list[TaskRecord] = await self._db(self._store.fail_overdue_tasks, _utcnow())
+        if overdue:
+            _log.info("%d task(s) ran past their timeout and failed", len(overdue))
+            self._hub.notify({t.assigned_node_id for t in overdue if t.assigned_node_id})
+            self._hub.finished(t.id for t in overdue)
+            self._scheduler.wake()
+        return overdue
+
+    async def delete_finished_before(self, cutoff: datetime) -> int:
+        count: int = await self._db(self._store.delete_finished_tasks_before, cutoff)
+        return count
+
+    def nodes_changed(self, node_ids: set[str]) -> None:
+        """A node joined, left, drained or died: streams re-check, the scheduler re-plans."""
+        self._hub.notify(node_ids)
+        self._scheduler.wake()
+
+
+def retention_cutoff(days: int) -> datetime:
+    return _utcnow() - timedelta(days=days)
