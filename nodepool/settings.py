@@ -156,6 +156,15 @@ class Settings:
     max_nodes_per_user: int = field(default=10, metadata={"parse": _parse_int(0, 100000)})
     offline_node_retention_days: int = field(default=30, metadata={"parse": _parse_int(1, 3650)})
     completed_task_retention_days: int = field(default=7, metadata={"parse": _parse_int(1, 3650)})
+    max_task_payload_bytes: int = field(
+        default=1 << 20, metadata={"parse": _parse_int(0, 3 * 1024 * 1024)}
+    )
+    max_task_result_bytes: int = field(
+        default=1 << 20, metadata={"parse": _parse_int(0, 3 * 1024 * 1024)}
+    )
+    max_pending_tasks_per_user: int = field(
+        default=10_000, metadata={"parse": _parse_int(1, 10_000_000)}
+    )
     trust_domain: str = field(default="nodepool.local", metadata={"parse": _parse_trust_domain})
     pki_dir: Path | None = field(default=None, metadata={"parse": _parse_optional_path})
     # Where the CA's certificate and revocation records live when not in the CA directory:

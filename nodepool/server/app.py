@@ -21,6 +21,8 @@ from nodepool.background import every, in_thread
 from nodepool.cache import Cache, CacheUnavailable, create_cache
 from nodepool.domain.audit import AuditLog
 from nodepool.domain.certificates import CertificateRenewal
+from nodepool.domain.nodes import NodeLimits, NodeRegistry
+from nodepool.domain.tasks import DeliveryHub, Scheduler, TaskLimits, TaskService, retention_cutoff
 from nodepool.server.audit import AuditTrail
 from nodepool.server.auth import build_auth
 from nodepool.server.methods import HEALTH_SERVICE, METHOD_RULES
@@ -40,6 +42,7 @@ from nodepool.servicers import (
 )
 from nodepool.settings import Settings, SettingsError
 from nodepool.store import AuditEntry, Store, StoreError, open_store
+from nodepool.store.calls import StoreCalls
 from nodepool.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -76,6 +79,8 @@ _SESSION_POLL_SECONDS = 1.0
 _POLICY_RELOAD_SECONDS = 2.0
 _SIGNING_KEY_RELOAD_SECONDS = 5.0
 _API_KEY_TOUCH_SECONDS = 30.0
+_DATABASE_TIMEOUT = 5.0
+_RETENTION_SECONDS = 3600.0
 
 
 class StartupError(RuntimeError):
@@ -93,6 +98,7 @@ class NodePoolServer:
         self._authority: CertificateAuthority | None = None
         self._cache: Cache | None = None
         self._poll_executor: ThreadPoolExecutor | None = None
+        self._calls: StoreCalls | None = None
         self._audit: AuditTrail | None = None
         # grpc_health exports its asyncio servicer as health.aio; the stubs predate it.
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -177,11 +183,45 @@ class NodePoolServer:
         # Every service is added through the pipeline's view of the server, which wraps
         # each handler once; nothing is registered on the server directly.
         guarded = pipeline.guarded(server)
-        node_manager_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(), guarded)
+        calls = StoreCalls(settings.max_workers, _DATABASE_TIMEOUT)
+        self._calls = calls
+        registry = NodeRegistry(
+            store,
+            calls,
+            NodeLimits(
+                heartbeat_interval=settings.node_heartbeat_interval,
+                timeout=settings.node_timeout,
+                max_nodes_per_user=settings.max_nodes_per_user,
+            ),
+        )
+        try:
+            await registry.load()
+        except Exception as exc:
+            raise StartupError(f"database: cannot read the nodes ({exc})") from None
+        hub = DeliveryHub()
+        scheduler = Scheduler(store, calls, registry, hub)
+        tasks = TaskService(
+            store,
+            calls,
+            registry,
+            scheduler,
+            hub,
+            TaskLimits(
+                max_payload_bytes=settings.max_task_payload_bytes,
+                max_result_bytes=settings.max_task_result_bytes,
+                max_pending_per_user=settings.max_pending_tasks_per_user,
+            ),
+        )
+        registry.on_change(tasks.nodes_changed)
+        node_manager_pb2_grpc.add_NodeManagerServicer_to_server(
+            NodeManagerServicer(registry), guarded
+        )
         user_manager_pb2_grpc.add_UserManagerServicer_to_server(
             UserManagerServicer(auth.accounts), guarded
         )
-        master_node_pb2_grpc.add_MasterNodeServiceServicer_to_server(MasterNodeServicer(), guarded)
+        master_node_pb2_grpc.add_MasterNodeServiceServicer_to_server(
+            MasterNodeServicer(tasks), guarded
+        )
         certificates_pb2_grpc.add_CertificateServiceServicer_to_server(
             CertificateServicer(CertificateRenewal(authority)), guarded
         )
@@ -224,6 +264,26 @@ class NodePoolServer:
             )
         )
         self._spawn(every(_API_KEY_TOUCH_SECONDS, auth.api_keys.flush_last_used, "API key use"))
+        # Beats are written behind, well inside a heartbeat interval and a timeout.
+        flush_every = min(1.0, settings.node_heartbeat_interval / 4)
+        check_every = min(1.0, settings.node_timeout / 4)
+        self._spawn(every(flush_every, registry.flush_heartbeats, "heartbeat write"))
+        self._spawn(every(check_every, registry.detect_failures, "failure detector"))
+        self._spawn(every(check_every, registry.finish_drains, "drain"))
+        self._spawn(every(check_every, tasks.fail_overdue, "task timeouts"))
+        self._spawn(every(check_every, registry.refresh_if_stale, "node directory"))
+        self._spawn(scheduler.run())
+
+        async def retention() -> None:
+            await tasks.delete_finished_before(
+                retention_cutoff(settings.completed_task_retention_days)
+            )
+            await calls(
+                store.delete_offline_nodes_before,
+                retention_cutoff(settings.offline_node_retention_days),
+            )
+
+        self._spawn(every(_RETENTION_SECONDS, retention, "retention"))
         await server.start()
         self._server, self.port = server, port
         for service in ("", *SERVICE_NAMES):
@@ -251,6 +311,9 @@ class NodePoolServer:
             with contextlib.suppress(Exception):
                 await self._audit.flush()
             self._audit = None
+        if self._calls is not None:
+            self._calls.shutdown()
+            self._calls = None
         if self._cache is not None:
             await self._cache.close()
             self._cache = None
