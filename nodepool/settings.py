@@ -55,6 +55,17 @@ def _parse_float(low: float, high: float) -> Callable[[str, object], float]:
     return parse
 
 
+def _parse_bool(name: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise SettingsError(f"{name}: must be true or false, got {raw!r}")
+
+
 def _parse_str(name: str, raw: object) -> str:
     if not isinstance(raw, str):
         raise SettingsError(f"{name}: must be a string, got {raw!r}")
@@ -209,6 +220,11 @@ class Settings:
     # one Redis without seeing each other.
     cache_namespace: str = field(default="nodepool", metadata={"parse": _parse_namespace})
     log_level: str = field(default="INFO", metadata={"parse": _parse_log_level})
+    # The reference worker (nodepool worker). Running payloads as Python scripts is the
+    # node owner's choice, off unless they turn it on.
+    worker_allow_python: bool = field(default=False, metadata={"parse": _parse_bool})
+    # Tasks run at once; 0 = one per CPU core.
+    worker_task_slots: int = field(default=0, metadata={"parse": _parse_int(0, 4096)})
 
     def __post_init__(self) -> None:
         if not self.database_url:

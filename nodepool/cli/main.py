@@ -26,7 +26,7 @@ from nodepool.renewal import CertificateFiles, RenewalError, renew_certificate, 
 from nodepool.server.app import NodePoolServer, StartupError
 from nodepool.settings import Settings, SettingsError, load_settings
 from nodepool.store import StoreError, migrate
-from nodepool.worker import WorkerError, run_worker
+from nodepool.worker import WorkerError, WorkerOptions, run_worker
 
 __all__ = ["cli", "main"]
 
@@ -104,17 +104,20 @@ def worker(
     _configure_logging(settings)
     try:
         files = CertificateFiles(*credential_paths(cert=cert, key=key, ca=ca))
-        asyncio.run(_work(files, server))
+        options = WorkerOptions(
+            allow_python=settings.worker_allow_python, task_slots=settings.worker_task_slots
+        )
+        asyncio.run(_work(files, server, options))
     except (ClientConfigError, WorkerError) as exc:
         raise CommandError(str(exc)) from None
 
 
-async def _work(files: CertificateFiles, server: str | None) -> None:
+async def _work(files: CertificateFiles, server: str | None, options: WorkerOptions) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    await run_worker(files, server, stopping)
+    await run_worker(files, server, stopping, options)
 
 
 @cli.group()
