@@ -261,6 +261,8 @@ class SqlNodeStore(SqlBase, NodeStore):
                 select(Node.id, Node.drain_deadline)
                 .where(Node.drain_requested == true(), or_(~active, Node.drain_deadline < now))
                 .order_by(Node.id)
+                # PostgreSQL: two instances finishing drains never remove one node twice.
+                .with_for_update(skip_locked=True)
             ).all()
             for row in rows:
                 late = row.drain_deadline is not None and row.drain_deadline < now
