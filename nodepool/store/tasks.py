@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -101,6 +101,45 @@ def _task(row: AnyRow) -> TaskRecord:
 def _check_new_task(task: NewTask) -> None:
     if task.max_attempts < 1 or task.timeout_seconds < 1:
         raise InvalidArgument("max_attempts and timeout_seconds must be at least 1")
+
+
+def _report_values(task: Mapping[str, Any], report: TaskReportIn, now: datetime) -> dict[str, Any]:
+    """The columns an accepted report sets, given the task row as the transaction sees it."""
+    if report.state is ReportState.RUNNING:
+        return {
+            "status": "running",
+            "progress": min(max(report.progress, 0.0), 1.0),
+            "started_at": task["started_at"] or now,
+        }
+    if report.state is ReportState.COMPLETED:
+        return {
+            "status": "completed",
+            "result": report.result,
+            "exit_code": report.exit_code,
+            "error": None,
+            "progress": 1.0,
+            "started_at": task["started_at"] or now,
+            "finished_at": now,
+            "lease_expires_at": None,
+        }
+    if task["attempts"] < task["max_attempts"]:
+        return {
+            "status": "pending",
+            "assigned_node_id": None,
+            "error": report.error,
+            "exit_code": report.exit_code,
+            "progress": 0.0,
+            "started_at": None,
+            "lease_expires_at": None,
+        }
+    return {
+        "status": "failed",
+        "error": report.error,
+        "exit_code": report.exit_code,
+        "result": report.result or None,
+        "finished_at": now,
+        "lease_expires_at": None,
+    }
 
 
 def requeue_tasks(
@@ -630,6 +669,8 @@ class SqlTaskStore(SqlBase, TaskStore):
                 )
             }
             verdicts: list[ReportVerdict] = []
+            # The final values of each task this batch changes, applied together below.
+            changes: dict[str, tuple[int, dict[str, Any]]] = {}
             for report in reports:
                 task = state.get(report.task_id)
                 if task is None:
@@ -643,63 +684,36 @@ class SqlTaskStore(SqlBase, TaskStore):
                 ):
                     verdicts.append(ReportVerdict.STALE)
                 else:
-                    self._apply_report(conn, task, report, now)
+                    values = _report_values(task, report, now)
+                    # Later reports in the batch see the change (a result after a start).
+                    task.update(values)
+                    earlier = changes.get(report.task_id, (report.attempt, {}))[1]
+                    changes[report.task_id] = (report.attempt, {**earlier, **values})
                     verdicts.append(ReportVerdict.ACCEPTED)
+            self._apply_changes(conn, changes, now)
         return verdicts
 
     @staticmethod
-    def _apply_report(
-        conn: Connection, task: dict[str, Any], report: TaskReportIn, now: datetime
+    def _apply_changes(
+        conn: Connection, changes: Mapping[str, tuple[int, dict[str, Any]]], now: datetime
     ) -> None:
-        """One accepted report, compare-and-set on the attempt; ``task`` (the row as this
-        transaction sees it) is updated so a later report in the batch sees the change."""
-        values: dict[str, Any]
-        if report.state is ReportState.RUNNING:
-            values = {
-                "status": "running",
-                "progress": min(max(report.progress, 0.0), 1.0),
-                "started_at": task["started_at"] or now,
-            }
-        elif report.state is ReportState.COMPLETED:
-            values = {
-                "status": "completed",
-                "result": report.result,
-                "exit_code": report.exit_code,
-                "error": None,
-                "progress": 1.0,
-                "started_at": task["started_at"] or now,
-                "finished_at": now,
-                "lease_expires_at": None,
-            }
-        elif task["attempts"] < task["max_attempts"]:
-            values = {
-                "status": "pending",
-                "assigned_node_id": None,
-                "error": report.error,
-                "exit_code": report.exit_code,
-                "progress": 0.0,
-                "started_at": None,
-                "lease_expires_at": None,
-            }
-        else:
-            values = {
-                "status": "failed",
-                "error": report.error,
-                "exit_code": report.exit_code,
-                "result": report.result or None,
-                "finished_at": now,
-                "lease_expires_at": None,
-            }
-        conn.execute(
-            update(Task)
-            .where(
-                Task.id == task["id"],
-                Task.attempts == report.attempt,
-                Task.status.in_(_OWNED_STATES),
+        """One executemany per shape of change, each a compare-and-set on the attempt."""
+        by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for task_id, (attempt, values) in sorted(changes.items()):  # stable lock order
+            shape = tuple(sorted(values))
+            row = {f"v_{name}": value for name, value in values.items()}
+            by_shape.setdefault(shape, []).append({"t_id": task_id, "t_attempt": attempt, **row})
+        for shape, params in by_shape.items():
+            conn.execute(
+                update(Task)
+                .where(
+                    Task.id == bindparam("t_id"),
+                    Task.attempts == bindparam("t_attempt"),
+                    Task.status.in_(_OWNED_STATES),
+                )
+                .values(updated_at=now, **{name: bindparam(f"v_{name}") for name in shape}),
+                params,
             )
-            .values(updated_at=now, **values)
-        )
-        task.update(values)
 
     def fail_overdue_tasks(self, now: datetime) -> list[TaskRecord]:
         overdue = and_(Task.status.in_(_OWNED_STATES), Task.lease_expires_at < now)
