@@ -196,8 +196,24 @@ class Scheduler:
         self._batch = batch
         self._per_owner = per_owner
         self._wake = asyncio.Event()
+        # The (priority, owner id) queues with pending tasks. Reading them costs a pass over
+        # the backlog, so it is done when something may have gone back to the queue, and
+        # at least every second (for submissions made on other instances).
+        self._queues: set[tuple[int, int]] = set()
+        self._queues_read_at = -math.inf
+        self._reread_queues = True
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def enqueued(self, tasks: Iterable[TaskRecord]) -> None:
+        """New tasks were submitted here."""
+        self._queues.update((task.priority, task.owner_id) for task in tasks)
+        self._wake.set()
+
+    def requeued(self) -> None:
+        """Tasks may have gone back to the queue (a node lost, a failed attempt)."""
+        self._reread_queues = True
         self._wake.set()
 
     async def run(self) -> None:
@@ -220,10 +236,12 @@ class Scheduler:
         nodes = self._nodes.schedulable()
         if not nodes:
             return 0
-        queue = await self._calls(
-            self._store.queued_tasks, per_owner=self._per_owner, limit=self._batch
-        )
-        if not queue:
+        now = asyncio.get_running_loop().time()
+        if self._reread_queues or now - self._queues_read_at >= _FALLBACK_WAKE_SECONDS:
+            self._reread_queues = False
+            self._queues_read_at = now
+            self._queues = set(await self._calls(self._store.pending_queues))
+        if not self._queues:
             return 0
         loads: dict[str, NodeLoad] = await self._calls(self._store.node_loads)
         free: dict[str, list[float]] = {}
@@ -241,6 +259,19 @@ class Scheduler:
             ]
             by_id[node.id] = node
             heapq.heappush(heap, (load.tasks / node.task_slots, node.id))
+        free_slots = int(sum(room[0] for room in free.values()))
+        if not free_slots:
+            return 0
+        limit = min(self._batch, free_slots)
+        queue = await self._calls(
+            self._store.queued_tasks,
+            per_owner=self._per_owner,
+            limit=limit,
+            queues=sorted(self._queues),
+        )
+        if len(queue) < limit:
+            # Every queue was read to its end: the ones that gave nothing are empty.
+            self._queues = {(task.priority, task.owner_id) for task in queue}
         assignments: list[tuple[str, str]] = []
         for task in queue:
             if not heap:
@@ -375,8 +406,7 @@ class TaskService:
             ) from None
         except NotFound:
             raise FailedPreconditionError("the account no longer exists") from None
-        if any(new for _, new in created):
-            self._scheduler.wake()
+        self._scheduler.enqueued(record for record, new in created if new)
         return [record for record, _ in created]
 
     async def _visible(self, principal: Principal, task_id: str) -> TaskRecord:
@@ -536,7 +566,10 @@ class TaskService:
         if done:
             self._hub.settle(node_id, done)
             self._hub.finished(done)
-            self._scheduler.wake()
+            if any(report.state is ReportState.FAILED for report in checked):
+                self._scheduler.requeued()  # a failed attempt may be retried
+            else:
+                self._scheduler.wake()  # slots were freed
         return verdicts
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -558,7 +591,7 @@ class TaskService:
     def nodes_changed(self, node_ids: set[str]) -> None:
         """A node joined, left, drained or died: streams re-check, the scheduler re-plans."""
         self._hub.notify(node_ids)
-        self._scheduler.wake()
+        self._scheduler.requeued()
 
 
 def retention_cutoff(days: int) -> datetime:

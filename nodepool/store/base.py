@@ -691,10 +691,23 @@ class TaskStore(abc.ABC):
         ``max_pending`` pending tasks."""
 
     @abc.abstractmethod
-    def queued_tasks(self, *, per_owner: int, limit: int) -> list[QueuedTask]:
+    def pending_queues(self) -> list[tuple[int, int]]:
+        """Every (priority, owner id) that has pending tasks."""
+
+    @abc.abstractmethod
+    def queued_tasks(
+        self,
+        *,
+        per_owner: int,
+        limit: int,
+        queues: Sequence[tuple[int, int]] | None = None,
+    ) -> list[QueuedTask]:
         """Pending tasks in the order the scheduler should place them: higher priority
         first; within a priority, owners take turns (each owner's oldest first), so one
-        owner's flood does not starve the others. At most ``per_owner`` of each owner."""
+        owner's flood does not starve the others. At most ``per_owner`` of each owner.
+
+        ``queues`` limits the read to those (priority, owner id) queues (a caller that
+        tracks them saves reading the whole backlog); ``None`` reads every queue."""
 
     @abc.abstractmethod
     def node_loads(self) -> dict[str, NodeLoad]:

@@ -179,9 +179,14 @@ class Task(Base):
         # The claim query: oldest pending first.
         Index("idx_tasks_status_created_at", "status", "created_at"),
         Index("idx_tasks_user_id_created_at", "user_id", "created_at"),
-        Index("idx_tasks_assigned_node_id", "assigned_node_id"),
+        # A node's active tasks (its delivery stream), among all it ever ran.
+        Index("idx_tasks_assigned_node_id_status", "assigned_node_id", "status"),
+        # What the active tasks hold of each node (the scheduler, every round).
+        Index("idx_tasks_status_assigned_node_id", "status", "assigned_node_id"),
         # The scheduler's fair queue: pending tasks per owner by priority and age.
-        Index("idx_tasks_status_user_priority", "status", "user_id", "priority", "created_at"),
+        Index(
+            "idx_tasks_status_user_priority", "status", "user_id", "priority", "created_at", "id"
+        ),
         UniqueConstraint("user_id", "idempotency_key"),
     )
 

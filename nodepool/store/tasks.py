@@ -516,16 +516,25 @@ class SqlTaskStore(SqlBase, TaskStore):
                 delete(Task).where(Task.status.in_(chosen), Task.finished_at < cutoff)
             ).rowcount
 
-    def queued_tasks(self, *, per_owner: int, limit: int) -> list[QueuedTask]:
-        turn = (
-            func.row_number()
-            .over(
-                partition_by=(Task.user_id, Task.priority),
-                order_by=(Task.created_at, Task.id),
-            )
-            .label("turn")
-        )
-        pending = (
+    def pending_queues(self) -> list[tuple[int, int]]:
+        with self._read() as conn:
+            rows = conn.execute(
+                select(Task.priority, Task.user_id)
+                .where(Task.status == "pending")
+                .group_by(Task.priority, Task.user_id)
+            ).all()
+        return [(int(priority), int(owner_id)) for priority, owner_id in rows]
+
+    def queued_tasks(
+        self,
+        *,
+        per_owner: int,
+        limit: int,
+        queues: Sequence[tuple[int, int]] | None = None,
+    ) -> list[QueuedTask]:
+        # Each (priority, owner) queue is read on its own through the index, oldest first:
+        # a window over the whole backlog would cost time in proportion to it every round.
+        head = (
             select(
                 Task.id,
                 Task.user_id.label("owner_id"),
@@ -533,31 +542,44 @@ class SqlTaskStore(SqlBase, TaskStore):
                 Task.required_cpu_cores,
                 Task.required_memory_gb,
                 Task.required_labels,
-                Task.created_at,
-                turn,
             )
-            .where(Task.status == "pending")
-            .subquery()
+            .where(
+                Task.status == "pending",
+                Task.user_id == bindparam("owner_id"),
+                Task.priority == bindparam("priority"),
+            )
+            .order_by(Task.created_at, Task.id)
+            .limit(min(per_owner, limit))
         )
-        query = (
-            select(pending)
-            .where(pending.c.turn <= per_owner)
-            .order_by(pending.c.priority.desc(), pending.c.turn, pending.c.created_at, pending.c.id)
-            .limit(limit)
-        )
+        groups = self.pending_queues() if queues is None else queues
         with self._read() as conn:
-            rows = conn.execute(query).all()
-        return [
-            QueuedTask(
-                id=row.id,
-                owner_id=row.owner_id,
-                priority=row.priority,
-                required_cpu_cores=row.required_cpu_cores,
-                required_memory_gb=row.required_memory_gb,
-                required_labels=dict(row.required_labels or {}),
-            )
-            for row in rows
-        ]
+            heads: dict[int, list[list[QueuedTask]]] = {}
+            for priority, owner_id in groups:
+                rows = conn.execute(head, {"owner_id": owner_id, "priority": priority}).all()
+                if not rows:
+                    continue
+                heads.setdefault(priority, []).append(
+                    [
+                        QueuedTask(
+                            id=row.id,
+                            owner_id=row.owner_id,
+                            priority=row.priority,
+                            required_cpu_cores=row.required_cpu_cores,
+                            required_memory_gb=row.required_memory_gb,
+                            required_labels=dict(row.required_labels or {}),
+                        )
+                        for row in rows
+                    ]
+                )
+        ordered: list[QueuedTask] = []
+        for priority in sorted(heads, reverse=True):
+            # Owners take turns: the first of each, then the second of each, and so on.
+            owners = sorted(heads[priority], key=lambda queue: queue[0].owner_id)
+            for turn in range(max(len(queue) for queue in owners)):
+                ordered.extend(queue[turn] for queue in owners if turn < len(queue))
+                if len(ordered) >= limit:
+                    return ordered[:limit]
+        return ordered
 
     def node_loads(self) -> dict[str, NodeLoad]:
         query = (

@@ -34,8 +34,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("required_labels", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("exit_code", sa.Integer(), nullable=True))
     op.create_index(
-        "idx_tasks_status_user_priority", "tasks", ["status", "user_id", "priority", "created_at"]
+        "idx_tasks_status_user_priority",
+        "tasks",
+        ["status", "user_id", "priority", "created_at", "id"],
     )
+    op.drop_index("idx_tasks_assigned_node_id", table_name="tasks")
+    op.create_index("idx_tasks_assigned_node_id_status", "tasks", ["assigned_node_id", "status"])
+    op.create_index("idx_tasks_status_assigned_node_id", "tasks", ["status", "assigned_node_id"])
     with op.batch_alter_table("api_keys") as batch:
         batch.add_column(sa.Column("bound_device", sa.String(length=255), nullable=True))
     op.create_index("idx_refresh_sessions_revoked_at", "refresh_sessions", ["revoked_at"])
@@ -87,6 +92,9 @@ def downgrade() -> None:
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_column("bound_device")
     op.drop_index("idx_tasks_status_user_priority", table_name="tasks")
+    op.drop_index("idx_tasks_status_assigned_node_id", table_name="tasks")
+    op.drop_index("idx_tasks_assigned_node_id_status", table_name="tasks")
+    op.create_index("idx_tasks_assigned_node_id", "tasks", ["assigned_node_id"])
     with op.batch_alter_table("tasks") as batch:
         batch.drop_column("exit_code")
         batch.drop_column("required_labels")
