@@ -379,7 +379,14 @@ class SqlTaskStore(SqlBase, TaskStore):
                     )
                 )
                 if result.rowcount == 1:
-                    return self._load_task(conn, row.id)
+                    task = self._load_task(conn, row.id)
+                    # Recorded as assign_tasks does, so report_tasks accepts this node.
+                    conn.execute(
+                        insert(TaskAttempt).values(
+                            task_id=task.id, attempt=task.attempts, node_id=node_id, assigned_at=now
+                        )
+                    )
+                    return task
         return None
 
     def _report(self, task_id: str, node_id: str, values: dict[str, Any]) -> TaskRecord:
@@ -486,6 +493,15 @@ class SqlTaskStore(SqlBase, TaskStore):
             )
             .label("turn")
         )
+        # The per-owner cap counts an owner's tasks across priorities, most urgent first.
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=Task.user_id,
+                order_by=(Task.priority.desc(), Task.created_at, Task.id),
+            )
+            .label("rank")
+        )
         pending = (
             select(
                 Task.id,
@@ -496,13 +512,14 @@ class SqlTaskStore(SqlBase, TaskStore):
                 Task.required_labels,
                 Task.created_at,
                 turn,
+                rank,
             )
             .where(Task.status == "pending")
             .subquery()
         )
         query = (
             select(pending)
-            .where(pending.c.turn <= per_owner)
+            .where(pending.c.rank <= per_owner)
             .order_by(pending.c.priority.desc(), pending.c.turn, pending.c.created_at, pending.c.id)
             .limit(limit)
         )
@@ -594,10 +611,14 @@ class SqlTaskStore(SqlBase, TaskStore):
         return [_task(row) for row in assigned]
 
     def active_tasks_of_node(self, node_id: str) -> list[TaskRecord]:
+        # Reports bump updated_at; the attempt row keeps when the task was assigned
+        # (a task assigned before attempts were recorded has none: updated_at stands in).
+        attempt = and_(TaskAttempt.task_id == Task.id, TaskAttempt.attempt == Task.attempts)
         query = (
             self._task_query()
+            .outerjoin(TaskAttempt, attempt)
             .where(Task.assigned_node_id == node_id, Task.status.in_(_OWNED_STATES))
-            .order_by(Task.updated_at, Task.id)
+            .order_by(func.coalesce(TaskAttempt.assigned_at, Task.updated_at), Task.id)
         )
         with self._read() as conn:
             return [_task(row) for row in conn.execute(query)]
