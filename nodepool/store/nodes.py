@@ -319,7 +319,8 @@ class SqlNodeStore(SqlBase, NodeStore):
             )
             if result.rowcount == 0:
                 return False
-            self._event(conn, node_id, "online", "online", "heartbeat resumed", at)
+            status = conn.scalar(select(Node.status).where(Node.id == node_id))
+            self._event(conn, node_id, "online", str(status), "heartbeat resumed", at)
             return True
 
     def list_node_events(

@@ -418,7 +418,14 @@ class SqlTaskStore(SqlBase, TaskStore):
                     )
                 )
                 if result.rowcount == 1:
-                    return self._load_task(conn, row.id)
+                    task = self._load_task(conn, row.id)
+                    # Recorded as assign_tasks does, so report_tasks accepts this node.
+                    conn.execute(
+                        insert(TaskAttempt).values(
+                            task_id=task.id, attempt=task.attempts, node_id=node_id, assigned_at=now
+                        )
+                    )
+                    return task
         return None
 
     def _report(self, task_id: str, node_id: str, values: dict[str, Any]) -> TaskRecord:
@@ -542,6 +549,7 @@ class SqlTaskStore(SqlBase, TaskStore):
                 Task.required_cpu_cores,
                 Task.required_memory_gb,
                 Task.required_labels,
+                Task.created_at,
             )
             .where(
                 Task.status == "pending",
@@ -553,32 +561,42 @@ class SqlTaskStore(SqlBase, TaskStore):
         )
         groups = self.pending_queues() if queues is None else queues
         with self._read() as conn:
-            heads: dict[int, list[list[QueuedTask]]] = {}
+            # priority -> one list per owner of (created_at, id, task), oldest first.
+            heads: dict[int, list[list[tuple[datetime, str, QueuedTask]]]] = {}
             for priority, owner_id in groups:
                 rows = conn.execute(head, {"owner_id": owner_id, "priority": priority}).all()
                 if not rows:
                     continue
                 heads.setdefault(priority, []).append(
                     [
-                        QueuedTask(
-                            id=row.id,
-                            owner_id=row.owner_id,
-                            priority=row.priority,
-                            required_cpu_cores=row.required_cpu_cores,
-                            required_memory_gb=row.required_memory_gb,
-                            required_labels=dict(row.required_labels or {}),
+                        (
+                            row.created_at,
+                            row.id,
+                            QueuedTask(
+                                id=row.id,
+                                owner_id=row.owner_id,
+                                priority=row.priority,
+                                required_cpu_cores=row.required_cpu_cores,
+                                required_memory_gb=row.required_memory_gb,
+                                required_labels=dict(row.required_labels or {}),
+                            ),
                         )
                         for row in rows
                     ]
                 )
         ordered: list[QueuedTask] = []
+        # The per-owner cap counts an owner's tasks across priorities, most urgent first.
+        taken: dict[int, int] = {}
         for priority in sorted(heads, reverse=True):
-            # Owners take turns: the first of each, then the second of each, and so on.
-            owners = sorted(heads[priority], key=lambda queue: queue[0].owner_id)
+            owners = heads[priority]
+            # Owners take turns: the first of each (oldest first), then the second of each...
             for turn in range(max(len(queue) for queue in owners)):
-                ordered.extend(queue[turn] for queue in owners if turn < len(queue))
-                if len(ordered) >= limit:
-                    return ordered[:limit]
+                for _, _, task in sorted(queue[turn] for queue in owners if turn < len(queue)):
+                    if taken.get(task.owner_id, 0) < per_owner:
+                        taken[task.owner_id] = taken.get(task.owner_id, 0) + 1
+                        ordered.append(task)
+                        if len(ordered) >= limit:
+                            return ordered
         return ordered
 
     def node_loads(self) -> dict[str, NodeLoad]:
@@ -655,10 +673,14 @@ class SqlTaskStore(SqlBase, TaskStore):
         return [_task(row) for row in assigned]
 
     def active_tasks_of_node(self, node_id: str) -> list[TaskRecord]:
+        # Reports bump updated_at; the attempt row keeps when the task was assigned
+        # (a task assigned before attempts were recorded has none: updated_at stands in).
+        attempt = and_(TaskAttempt.task_id == Task.id, TaskAttempt.attempt == Task.attempts)
         query = (
             self._task_query()
+            .outerjoin(TaskAttempt, attempt)
             .where(Task.assigned_node_id == node_id, Task.status.in_(_OWNED_STATES))
-            .order_by(Task.updated_at, Task.id)
+            .order_by(func.coalesce(TaskAttempt.assigned_at, Task.updated_at), Task.id)
         )
         with self._read() as conn:
             return [_task(row) for row in conn.execute(query)]
