@@ -30,7 +30,14 @@ PROBES = HEALTH_CHECKS | {REFLECTION}
 EXPECTED_BY_ROLE: dict[str, set[str]] = {
     # Health only: reflection would describe the whole API to anyone with a device.
     "device": HEALTH_CHECKS | {USERS + "RegisterUser", USERS + "LoginUser", USERS + "RefreshToken"},
-    "node": PROBES | {NODES + "RegisterNode", NODES + "UpdateNodeStatus", RENEW},
+    "node": PROBES
+    | {
+        NODES + "RegisterNode",
+        NODES + "UpdateNodeStatus",
+        TASKS + "PullTasks",
+        TASKS + "ReportTasks",
+        RENEW,
+    },
     "user": PROBES
     | {
         USERS + "UpdateUserProfile",
@@ -41,13 +48,18 @@ EXPECTED_BY_ROLE: dict[str, set[str]] = {
         USERS + "RevokeApiKey",
         NODES + "GetNodeList",
         NODES + "RemoveNode",
+        NODES + "GetNodeEvents",
         TASKS + "SubmitTask",
+        TASKS + "SubmitTasks",
         TASKS + "GetTaskStatus",
         TASKS + "CancelTask",
+        TASKS + "ListTasks",
         RENEW,
     },
 }
 ADMIN_ONLY = {
+    NODES + "GetPoolStats",
+    NODES + "ReadmitNode",
     USERS + "GrantRole",
     USERS + "RevokeRole",
     USERS + "SetUserActive",
@@ -63,6 +75,8 @@ DENIALS: list[tuple[frozenset[str], str]] = [
     (frozenset({"user"}), USERS + "RevokeRole"),
     (frozenset({"user"}), USERS + "SetUserActive"),
     (frozenset({"user"}), AUDIT + "ListAuditEvents"),
+    (frozenset({"user"}), NODES + "GetPoolStats"),
+    (frozenset({"user"}), NODES + "ReadmitNode"),
     # A bare device: nothing past sign-up, log-in and refresh.
     (frozenset({"device"}), USERS + "GetUserInfo"),
     (frozenset({"device"}), REFLECTION),
@@ -78,8 +92,12 @@ DENIALS: list[tuple[frozenset[str], str]] = [
     (frozenset({"node"}), USERS + "GetUserInfo"),
     (frozenset({"node"}), USERS + "CreateApiKey"),
     (frozenset({"node"}), AUDIT + "ListAuditEvents"),
+    (frozenset({"node"}), TASKS + "ListTasks"),
+    (frozenset({"node"}), NODES + "GetNodeEvents"),
     # Users do not act as nodes.
     (frozenset({"user"}), NODES + "RegisterNode"),
+    (frozenset({"user"}), TASKS + "PullTasks"),
+    (frozenset({"admin"}), TASKS + "ReportTasks"),
     (frozenset({"admin"}), NODES + "UpdateNodeStatus"),
     # A method the policy does not name, even for an admin.
     (frozenset({"admin"}), USERS + "DeleteEverything"),
