@@ -302,7 +302,10 @@ class SqlTaskStore(SqlBase, TaskStore):
                         "payload": record.payload,
                         "required_cpu_cores": record.required_cpu_cores,
                         "required_memory_gb": record.required_memory_gb,
-                        "required_labels": json_object(record.required_labels),
+                        # NULL, not an empty JSON object: no requirement, and no encoding.
+                        "required_labels": json_object(record.required_labels)
+                        if record.required_labels
+                        else None,
                         "priority": record.priority,
                         "attempts": 0,
                         "max_attempts": record.max_attempts,

@@ -139,14 +139,16 @@ async def test_lease_is_exclusive(cache: Cache, cache_peer: Cache) -> None:
 
 
 async def test_lease_expires_and_renewal_extends(cache: Cache, cache_peer: Cache) -> None:
-    assert await cache.acquire_lease("retention", "a", SHORT_TTL)
-    await asyncio.sleep(SHORT_TTL / 2)
-    assert await cache.renew_lease("retention", "a", SHORT_TTL)
-    await asyncio.sleep(SHORT_TTL / 2 + 0.05)
-    assert not await cache_peer.acquire_lease("retention", "b", SHORT_TTL)  # renewed
-    await asyncio.sleep(PAST_TTL)
-    assert not await cache.renew_lease("retention", "a", SHORT_TTL)  # lost
-    assert await cache_peer.acquire_lease("retention", "b", SHORT_TTL)
+    # A quarter second of margin either side: a busy machine delays sleeps and calls.
+    ttl = 1.0
+    assert await cache.acquire_lease("retention", "a", ttl)
+    await asyncio.sleep(ttl / 2)
+    assert await cache.renew_lease("retention", "a", ttl)
+    await asyncio.sleep(ttl / 2 + 0.25)  # past the first expiry, before the renewed one
+    assert not await cache_peer.acquire_lease("retention", "b", ttl)  # renewed
+    await asyncio.sleep(ttl)
+    assert not await cache.renew_lease("retention", "a", ttl)  # lost
+    assert await cache_peer.acquire_lease("retention", "b", ttl)
 
 
 async def test_only_one_of_many_contenders_gets_the_lease(cache: Cache, cache_peer: Cache) -> None:
