@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -162,6 +164,11 @@ class SqlBase:
         self._engine = engine
         self._clock = clock
         self._sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time. Writers that meet in SQLite wait in its busy
+        # handler, which sleeps 1, 2, 5, 10... ms between tries: tens of milliseconds per
+        # write under load. Queued on a lock here, the next writer starts the moment the
+        # previous one commits. (Several processes on one file still meet in SQLite.)
+        self._write_lock = threading.Lock() if self._sqlite else contextlib.nullcontext()
 
     @property
     def engine(self) -> Engine:
@@ -178,6 +185,7 @@ class SqlBase:
     def _write(self) -> Iterator[Connection]:
         with (
             translated(),
+            self._write_lock,
             self._engine.connect().execution_options(**{WRITE: True}) as conn,
             conn.begin(),
         ):
