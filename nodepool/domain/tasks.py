@@ -69,6 +69,9 @@ _MAX_WAIT_SECONDS = 60
 _MAX_ERROR_CHARS = 2048
 # A missed wake-up (or one raised on another instance) delays work at most this long.
 _FALLBACK_WAKE_SECONDS = 1.0
+# How often a delivery stream reads what its node holds even when nothing said it changed
+# (assignments made by another instance).
+_RECONCILE_SECONDS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,49 +106,68 @@ class Delivery:
     stop_task_ids: list[str]
 
 
+@dataclass(eq=False, slots=True)
+class _Stream:
+    """One open delivery stream and what is waiting to be sent on it."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Assigned here and handed over directly: no read of the database to deliver them.
+    assigned: list[TaskRecord] = field(default_factory=list)
+    stop: set[str] = field(default_factory=set)
+    # Finished by the node itself: no need to tell it to stop them.
+    settled: set[str] = field(default_factory=set)
+    # Something changed that only the database knows: read what the node holds.
+    reconcile: bool = True
+
+
 class DeliveryHub:
-    """Wakes the delivery streams (and status waiters) of this instance."""
+    """The delivery streams (and status waiters) of this instance, and what wakes them."""
 
     def __init__(self) -> None:
-        self._streams: dict[str, asyncio.Event] = {}
-        self._settled: dict[str, set[str]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._waiters: dict[str, asyncio.Event] = {}
 
-    def open(self, node_id: str) -> asyncio.Event:
-        if node_id in self._streams:
+    def open(self, node_id: str) -> _Stream:
+        old = self._streams.get(node_id)
+        if old is not None:
             # One stream per node: a reconnecting worker replaces its old stream.
-            self._streams[node_id].set()
-        event = asyncio.Event()
-        self._streams[node_id] = event
-        self._settled[node_id] = set()
-        return event
+            old.wake.set()
+        stream = _Stream()
+        self._streams[node_id] = stream
+        return stream
 
-    def is_current(self, node_id: str, event: asyncio.Event) -> bool:
-        return self._streams.get(node_id) is event
+    def is_current(self, node_id: str, stream: _Stream) -> bool:
+        return self._streams.get(node_id) is stream
 
-    def close(self, node_id: str, event: asyncio.Event) -> None:
-        if self._streams.get(node_id) is event:
+    def close(self, node_id: str, stream: _Stream) -> None:
+        if self._streams.get(node_id) is stream:
             del self._streams[node_id]
-            self._settled.pop(node_id, None)
+
+    def assigned(self, tasks: Iterable[TaskRecord]) -> None:
+        for task in tasks:
+            stream = self._streams.get(task.assigned_node_id or "")
+            if stream is not None:
+                stream.assigned.append(task)
+                stream.wake.set()
+
+    def stop(self, node_id: str, task_ids: Iterable[str]) -> None:
+        stream = self._streams.get(node_id)
+        if stream is not None:
+            stream.stop.update(task_ids)
+            stream.wake.set()
 
     def notify(self, node_ids: Iterable[str]) -> None:
+        """Something changed for these nodes: their streams re-read what they hold."""
         for node_id in node_ids:
-            event = self._streams.get(node_id)
-            if event is not None:
-                event.set()
+            stream = self._streams.get(node_id)
+            if stream is not None:
+                stream.reconcile = True
+                stream.wake.set()
 
     def settle(self, node_id: str, task_ids: Iterable[str]) -> None:
-        """The node itself finished these: its stream need not tell it to stop them."""
-        settled = self._settled.get(node_id)
-        if settled is not None:
-            settled.update(task_ids)
-
-    def take_settled(self, node_id: str) -> set[str]:
-        settled = self._settled.get(node_id)
-        if not settled:
-            return set()
-        self._settled[node_id] = set()
-        return settled
+        stream = self._streams.get(node_id)
+        if stream is not None:
+            stream.settled.update(task_ids)
 
     def waiter(self, task_id: str) -> asyncio.Event:
         return self._waiters.setdefault(task_id, asyncio.Event())
@@ -304,7 +326,7 @@ class Scheduler:
         if not assignments:
             return 0
         assigned: list[TaskRecord] = await self._calls(self._store.assign_tasks, assignments)
-        self._hub.notify({task.assigned_node_id for task in assigned if task.assigned_node_id})
+        self._hub.assigned(assigned)
         return len(assigned)
 
 
@@ -451,7 +473,7 @@ class TaskService:
         except Conflict:
             raise FailedPreconditionError(f"the task has already {task.status}") from None
         if task.assigned_node_id:
-            self._hub.notify([task.assigned_node_id])
+            self._hub.stop(task.assigned_node_id, [task.id])
             self._scheduler.wake()
         self._hub.finished([task.id])
         return cancelled
@@ -488,41 +510,57 @@ class TaskService:
     async def deliveries(self, principal: Principal, node_id: str) -> AsyncIterator[Delivery]:
         """The node's delivery stream: its assignments as they come, and what to stop.
 
-        Ends (raises) when the node is removed. Each (re)connection first sends every
-        task the node holds, so a worker that reconnects learns what it still owns.
+        Ends (raises) when the node is removed. Each (re)connection first sends every task
+        the node holds, so a worker that reconnects learns what it still owns. Tasks
+        assigned on this instance are handed to the stream directly; what only the
+        database knows (assignments made by another instance, tasks taken away) is read
+        when something changed, and every few seconds in any case.
         """
         node_id = self._nodes.own_node_id(principal, node_id)
         if self._nodes.get(node_id) is None:
             raise FailedPreconditionError("the node is not registered; call RegisterNode")
-        event = self._hub.open(node_id)
+        stream = self._hub.open(node_id)
+        loop = asyncio.get_running_loop()
         sent: dict[str, int] = {}
+        read_at = -math.inf
         try:
             while True:
-                if not self._hub.is_current(node_id, event):
+                if not self._hub.is_current(node_id, stream):
                     raise FailedPreconditionError("another delivery stream replaced this one")
                 if self._nodes.get(node_id) is None:
                     raise NotFoundError("the node was removed")
-                event.clear()
-                active: list[TaskRecord] = await self._db(self._store.active_tasks_of_node, node_id)
-                settled = self._hub.take_settled(node_id)
-                current = {task.id: task for task in active}
-                new = [task for task in active if sent.get(task.id) != task.attempts]
-                stop = [
-                    task_id
-                    for task_id, attempt in sent.items()
-                    if task_id not in settled
-                    and (task_id not in current or current[task_id].attempts != attempt)
-                ]
-                for task_id in [*stop, *settled]:
-                    sent.pop(task_id, None)
-                for task in new:
+                stream.wake.clear()
+                new: dict[str, TaskRecord] = {}
+                stop: set[str] = set()
+                if stream.reconcile or loop.time() - read_at >= _RECONCILE_SECONDS:
+                    stream.reconcile = False
+                    read_at = loop.time()
+                    held: dict[str, int] = await self._db(self._store.held_task_attempts, node_id)
+                    missing = [tid for tid, attempt in held.items() if sent.get(tid) != attempt]
+                    if missing:
+                        records: list[TaskRecord] = await self._db(self._store.get_tasks, missing)
+                        new.update((task.id, task) for task in records)
+                    stop.update(tid for tid, attempt in sent.items() if held.get(tid) != attempt)
+                for task in stream.assigned:
+                    if sent.get(task.id) != task.attempts:
+                        new[task.id] = task
+                stream.assigned.clear()
+                stop.update(tid for tid in stream.stop if tid in sent)
+                stream.stop.clear()
+                for tid in stream.settled:
+                    sent.pop(tid, None)
+                    stop.discard(tid)
+                stream.settled.clear()
+                for tid in stop:
+                    sent.pop(tid, None)
+                for task in new.values():
                     sent[task.id] = task.attempts
                 if new or stop:
-                    yield Delivery(new, stop)
+                    yield Delivery(list(new.values()), sorted(stop))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), _FALLBACK_WAKE_SECONDS)
+                    await asyncio.wait_for(stream.wake.wait(), _RECONCILE_SECONDS)
         finally:
-            self._hub.close(node_id, event)
+            self._hub.close(node_id, stream)
 
     async def report(
         self, principal: Principal, node_id: str, reports: Sequence[TaskReportIn]
@@ -579,7 +617,9 @@ class TaskService:
         overdue: list[TaskRecord] = await self._db(self._store.fail_overdue_tasks, _utcnow())
         if overdue:
             _log.info("%d task(s) ran past their timeout and failed", len(overdue))
-            self._hub.notify({t.assigned_node_id for t in overdue if t.assigned_node_id})
+            for task in overdue:
+                if task.assigned_node_id:
+                    self._hub.stop(task.assigned_node_id, [task.id])
             self._hub.finished(t.id for t in overdue)
             self._scheduler.wake()
         return overdue

@@ -724,6 +724,14 @@ class TaskStore(abc.ABC):
         """The node's assigned and running tasks, oldest assignment first."""
 
     @abc.abstractmethod
+    def held_task_attempts(self, node_id: str) -> dict[str, int]:
+        """The node's assigned and running tasks: task id -> current attempt."""
+
+    @abc.abstractmethod
+    def get_tasks(self, task_ids: Sequence[str]) -> list[TaskRecord]:
+        """The tasks among ``task_ids`` that exist, in no particular order."""
+
+    @abc.abstractmethod
     def report_tasks(self, node_id: str, reports: Sequence[TaskReportIn]) -> list[ReportVerdict]:
         """Apply a worker's reports in one transaction, each fenced by (node, attempt):
         only the node holding the task's current attempt changes it. Running reports

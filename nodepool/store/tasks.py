@@ -688,6 +688,20 @@ class SqlTaskStore(SqlBase, TaskStore):
         with self._read() as conn:
             return [_task(row) for row in conn.execute(query)]
 
+    def held_task_attempts(self, node_id: str) -> dict[str, int]:
+        query = select(Task.id, Task.attempts).where(
+            Task.assigned_node_id == node_id, Task.status.in_(_OWNED_STATES)
+        )
+        with self._read() as conn:
+            return {task_id: attempts for task_id, attempts in conn.execute(query)}
+
+    def get_tasks(self, task_ids: Sequence[str]) -> list[TaskRecord]:
+        if not task_ids:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(self._task_query().where(Task.id.in_(sorted(set(task_ids)))))
+            return [_task(row) for row in rows]
+
     def report_tasks(self, node_id: str, reports: Sequence[TaskReportIn]) -> list[ReportVerdict]:
         if not reports:
             return []

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ _log = logging.getLogger(__name__)
 _RPC_TIMEOUT = 10.0
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
+_REMEMBERED_ATTEMPTS = 10_000
 # Progress is reported at most this often per task; the result is reported at once.
 _PROGRESS_EVERY = 2.0
 # Codes after which reconnecting cannot help: the node must be fixed by a person.
@@ -156,6 +158,10 @@ class _Agent:
         self._reports = reports
         # (task id, attempt) -> the asyncio task running it; kept across reconnections.
         self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # Attempts this worker already ran. After a reconnection the server lists every
+        # task the node still holds, which includes ones whose result has not reached it
+        # yet: those are reported again, never run again.
+        self.finished: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.drain_requested = False
 
     async def register(self, channel: grpc.aio.Channel) -> int:
@@ -209,7 +215,7 @@ class _Agent:
                         running.cancel()
             for assignment in message.assignments:
                 key = (assignment.task_id, assignment.attempt)
-                if key not in self.running:
+                if key not in self.running and key not in self.finished:
                     self.running[key] = asyncio.create_task(self._run(assignment))
 
     async def _run(self, assignment: task_pb.TaskAssignment) -> None:
@@ -256,6 +262,9 @@ class _Agent:
             raise
         finally:
             self.running.pop(key, None)
+        self.finished[key] = None
+        while len(self.finished) > _REMEMBERED_ATTEMPTS:
+            self.finished.popitem(last=False)
         if outcome.succeeded:
             report(task_pb.TASK_REPORT_STATE_COMPLETED, progress=1.0, outcome=outcome)
         else:
