@@ -70,9 +70,6 @@ _LABEL_VALUE = re.compile(r"[A-Za-z0-9._:/+=@-]{0,63}")
 _MAX_LABELS = 32
 _REPORTED_STATUSES = frozenset({"online", "busy", "draining"})
 _MAX_PAGE = 1000
-# How much of the node timeout may pass between directory reloads from the database, which
-# pick up changes made by other instances (removals, drains, nodes marked offline).
-_DIRECTORY_REFRESH_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +187,7 @@ class NodeRegistry:
         self._directory: dict[str, NodeEntry] = {}
         self._beats: dict[str, Heartbeat] = {}
         self._started_at = clock()
-        self._loaded_at = -math.inf
+        self._last_event = 0
         # Told the ids of nodes whose state changed here (the scheduler and the task
         # delivery streams listen).
         self._listeners: list[Callable[[set[str]], None]] = []
@@ -215,7 +212,9 @@ class NodeRegistry:
         return [entry for entry in self._directory.values() if entry.schedulable]
 
     async def load(self) -> None:
-        """(Re)read every node into the directory."""
+        """Read every node into the directory (at start, before serving)."""
+        # The feed position first: a change made while the nodes are read is read again.
+        last_event: int = await self._db(self._store.last_node_event_id)
         directory: dict[str, NodeEntry] = {}
         cursor: str | None = None
         while True:
@@ -224,19 +223,30 @@ class NodeRegistry:
             cursor = page.next_cursor
             if cursor is None:
                 break
-        changed = {
-            node_id
-            for node_id in directory.keys() | self._directory.keys()
-            if directory.get(node_id) != self._directory.get(node_id)
-        }
         self._directory = directory
-        self._loaded_at = self._clock()
-        if changed:
-            self._changed(changed)
+        self._last_event = last_event
 
-    async def refresh_if_stale(self) -> None:
-        if self._clock() - self._loaded_at >= _DIRECTORY_REFRESH_SECONDS:
-            await self.load()
+    async def follow_changes(self) -> None:
+        """Apply what other instances changed (registrations, drains, removals, nodes
+        marked offline), read from the node event feed: a few rows, not the whole fleet."""
+        while True:
+            events: list[NodeEventRecord] = await self._db(
+                self._store.node_events_since, self._last_event
+            )
+            if not events:
+                return
+            changed = {event.node_id for event in events}
+            nodes: list[NodeRecord] = await self._db(self._store.get_nodes, sorted(changed))
+            found = {node.id: node for node in nodes}
+            for node_id in changed:
+                node = found.get(node_id)
+                if node is None:
+                    self._directory.pop(node_id, None)
+                    self._beats.pop(node_id, None)
+                else:
+                    self._directory[node_id] = _entry(node)
+            self._last_event = events[-1].id
+            self._changed(changed)
 
     async def _db(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:

@@ -271,7 +271,7 @@ class NodePoolServer:
         self._spawn(every(check_every, registry.detect_failures, "failure detector"))
         self._spawn(every(check_every, registry.finish_drains, "drain"))
         self._spawn(every(check_every, tasks.fail_overdue, "task timeouts"))
-        self._spawn(every(check_every, registry.refresh_if_stale, "node directory"))
+        self._spawn(every(check_every, registry.follow_changes, "node directory"))
         self._spawn(scheduler.run())
 
         async def retention() -> None:

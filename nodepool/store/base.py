@@ -576,6 +576,19 @@ class NodeStore(abc.ABC):
         """The node's events, newest first (kept after the node is removed)."""
 
     @abc.abstractmethod
+    def node_events_since(self, after_id: int, *, limit: int = 1000) -> list[NodeEventRecord]:
+        """Events of every node with an id above ``after_id``, oldest first: the feed an
+        instance follows to learn what other instances changed."""
+
+    @abc.abstractmethod
+    def last_node_event_id(self) -> int:
+        """The id of the newest node event (0 when there is none)."""
+
+    @abc.abstractmethod
+    def get_nodes(self, node_ids: Sequence[str]) -> list[NodeRecord]:
+        """The nodes among ``node_ids`` that exist, in no particular order."""
+
+    @abc.abstractmethod
     def pool_stats(self) -> PoolStats:
         """Nodes by status, active tasks by status, and the task slots of online nodes."""
 

@@ -341,6 +341,27 @@ class SqlNodeStore(SqlBase, NodeStore):
         more = len(rows) > limit
         return Page(items, encode_cursor(str(items[-1].id)) if more else None)
 
+    def node_events_since(self, after_id: int, *, limit: int = 1000) -> list[NodeEventRecord]:
+        query = (
+            select(*_EVENT_COLUMNS)
+            .where(NodeEvent.id > after_id)
+            .order_by(NodeEvent.id)
+            .limit(check_limit(limit))
+        )
+        with self._read() as conn:
+            return [NodeEventRecord(**row._mapping) for row in conn.execute(query)]
+
+    def last_node_event_id(self) -> int:
+        with self._read() as conn:
+            return int(conn.scalar(select(func.coalesce(func.max(NodeEvent.id), 0))) or 0)
+
+    def get_nodes(self, node_ids: Sequence[str]) -> list[NodeRecord]:
+        if not node_ids:
+            return []
+        query = self._node_query().where(Node.id.in_(sorted(set(node_ids))))
+        with self._read() as conn:
+            return [_node(row) for row in conn.execute(query)]
+
     def pool_stats(self) -> PoolStats:
         with self._read() as conn:
             nodes = dict(
