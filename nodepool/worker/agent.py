@@ -349,9 +349,11 @@ async def run_worker(
                     continue
                 reason = "the server closed the task stream"
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in _FINAL_CODES:
+                if exc.code() in _FINAL_CODES and first:
+                    # Refused before ever working: a person must fix the credential.
                     raise WorkerError(f"server: {exc.code().name}: {exc.details()}") from None
-                reason = f"lost the server ({exc.code().name})"
+                # Once it has worked, keep trying: a renewal or an admin may fix it.
+                reason = f"lost the server ({exc.code().name}: {exc.details()})"
             if stop.is_set():
                 break
             delay = backoff * random.uniform(0.5, 1.0)  # noqa: S311

@@ -53,7 +53,7 @@ def test_reflection_lists_the_three_services(mtls_server: ServerThread, node_cer
     } <= names
 
 
-def test_unbuilt_rpc_answers_unimplemented(mtls_server: ServerThread, client_cert: Any) -> None:
+def test_a_task_id_nobody_made_is_not_found(mtls_server: ServerThread, client_cert: Any) -> None:
     token = sign_up(mtls_server, client_cert, "unbuilt-user").access_token
     with _channel(mtls_server, client_cert) as channel:
         stub = master_node_pb2_grpc.MasterNodeServiceStub(channel)
@@ -63,7 +63,7 @@ def test_unbuilt_rpc_answers_unimplemented(mtls_server: ServerThread, client_cer
                 metadata=bearer(token),
                 timeout=10,
             )
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_node_method_refuses_a_client_certificate(
