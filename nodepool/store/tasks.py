@@ -770,7 +770,8 @@ class SqlTaskStore(SqlBase, TaskStore):
                 .where(
                     Task.id == bindparam("t_id"),
                     Task.attempts == bindparam("t_attempt"),
-                    Task.status.in_(_OWNED_STATES),
+                    # Spelled out: an IN list cannot go into an executemany.
+                    or_(Task.status == "assigned", Task.status == "running"),
                 )
                 .values(updated_at=now, **{name: bindparam(f"v_{name}") for name in shape}),
                 params,

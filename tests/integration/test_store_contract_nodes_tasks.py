@@ -987,3 +987,33 @@ def test_unfinished_task_count(store: Store, alice: str, bob: str) -> None:
     assert store.unfinished_task_count(alice) == 3
     assert store.unfinished_task_count("ALICE") == 3
     assert store.unfinished_task_count(bob) == 2
+
+
+def test_report_tasks_many_results_in_one_batch(
+    timed: SqlStore, clock: FakeClock, alice: str
+) -> None:
+    """A worker's batch: several results and starts of the same shape go in together."""
+    _register(timed, "n1", alice)
+    tasks = _submit(timed, alice, 6)
+    for task in tasks:
+        _assign(timed, task, "n1")
+    finished, started = tasks[:4], tasks[4:]
+    verdicts = timed.report_tasks(
+        "n1",
+        [
+            *(
+                TaskReportIn(t.id, 1, ReportState.COMPLETED, result=t.id.encode(), exit_code=0)
+                for t in finished
+            ),
+            *(TaskReportIn(t.id, 1, ReportState.RUNNING, progress=0.5) for t in started),
+        ],
+    )
+    assert verdicts == [ACCEPTED] * 6
+    for task in finished:
+        done = timed.get_task(task.id)
+        assert (done.status, done.result) == ("completed", task.id.encode())
+    for task in started:
+        assert (timed.get_task(task.id).status, timed.get_task(task.id).progress) == (
+            "running",
+            0.5,
+        )
