@@ -45,7 +45,7 @@ from nodepool.store import (
     TaskStore,
 )
 from nodepool.store.base import NewTask, NodeLoad, ReportState, ReportVerdict, TaskReportIn
-from nodepool.store.calls import StoreCalls
+from nodepool.store.calls import GroupCommit, StoreCalls
 
 __all__ = [
     "TASK_TYPES",
@@ -391,6 +391,16 @@ class TaskService:
         self._scheduler = scheduler
         self._hub = hub
         self._limits = limits
+        # Workers report all the time: concurrent reports share one transaction.
+        self._reports: GroupCommit[tuple[str, Sequence[TaskReportIn]], list[ReportVerdict]] = (
+            GroupCommit(self._apply_reports)
+        )
+
+    async def _apply_reports(
+        self, batches: list[tuple[str, Sequence[TaskReportIn]]]
+    ) -> list[list[ReportVerdict]]:
+        results: list[list[ReportVerdict]] = await self._db(self._store.report_batches, batches)
+        return results
 
     async def _db(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -595,7 +605,7 @@ class TaskService:
                     exit_code=report.exit_code,
                 )
             checked.append(report)
-        verdicts: list[ReportVerdict] = await self._db(self._store.report_tasks, node_id, checked)
+        verdicts = await self._reports.submit((node_id, checked)) if checked else []
         done = [
             report.task_id
             for report, verdict in zip(checked, verdicts, strict=True)

@@ -752,6 +752,13 @@ class TaskStore(abc.ABC):
         while attempts remain, else fails. One verdict per report, in order."""
 
     @abc.abstractmethod
+    def report_batches(
+        self, batches: Sequence[tuple[str, Sequence[TaskReportIn]]]
+    ) -> list[list[ReportVerdict]]:
+        """:meth:`report_tasks` for several nodes' batches in one transaction (a group
+        commit of concurrent reports); one list of verdicts per batch, in order."""
+
+    @abc.abstractmethod
     def fail_overdue_tasks(self, now: datetime) -> list[TaskRecord]:
         """Assigned or running tasks whose lease ended before ``now`` become ``failed``
         ("timed out"); returns them as they were (with their node) so it can be told."""

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Generic, ParamSpec, TypeVar
 
 from nodepool.store.errors import StoreUnavailable
 
-__all__ = ["StoreCalls"]
+__all__ = ["GroupCommit", "StoreCalls"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 
 
 class StoreCalls:
@@ -35,9 +37,52 @@ class StoreCalls:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, functools.partial(function, *args, **kwargs))
         try:
-            return await asyncio.wait_for(future, self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await future
         except TimeoutError:
             raise StoreUnavailable("the database did not answer in time") from None
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class GroupCommit(Generic[ItemT, ResultT]):
+    """Concurrent callers' items applied together: one store call, one transaction.
+
+    The first caller starts a flush; items that arrive while a flush runs go in the next
+    one. Under load each transaction carries many callers' work (a group commit); alone,
+    a caller waits for nothing but its own call.
+    """
+
+    def __init__(
+        self, apply: Callable[[list[ItemT]], Awaitable[list[ResultT]]], *, max_items: int = 500
+    ) -> None:
+        self._apply = apply
+        self._max_items = max_items
+        self._queue: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def submit(self, item: ItemT) -> ResultT:
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_items]
+                del self._queue[: self._max_items]
+                try:
+                    results = await self._apply([item for item, _ in batch])
+                except Exception as exc:  # every caller in the batch gets the failure
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():  # a caller that gave up is not answered
+                        future.set_result(result)
+        finally:
+            self._flushing = None

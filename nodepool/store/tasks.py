@@ -703,9 +703,16 @@ class SqlTaskStore(SqlBase, TaskStore):
             return [_task(row) for row in rows]
 
     def report_tasks(self, node_id: str, reports: Sequence[TaskReportIn]) -> list[ReportVerdict]:
-        if not reports:
-            return []
-        ids = sorted({report.task_id for report in reports})
+        (verdicts,) = self.report_batches([(node_id, reports)])
+        return verdicts
+
+    def report_batches(
+        self, batches: Sequence[tuple[str, Sequence[TaskReportIn]]]
+    ) -> list[list[ReportVerdict]]:
+        ids = sorted({report.task_id for _, reports in batches for report in reports})
+        if not ids:
+            return [[] for _ in batches]
+        nodes = sorted({node_id for node_id, _ in batches})
         now = self._now()
         with self._write() as conn:
             state = {
@@ -722,37 +729,40 @@ class SqlTaskStore(SqlBase, TaskStore):
                 )
             }
             held = {
-                (row.task_id, row.attempt)
+                (row.task_id, row.attempt, row.node_id)
                 for row in conn.execute(
-                    select(TaskAttempt.task_id, TaskAttempt.attempt).where(
-                        TaskAttempt.task_id.in_(ids), TaskAttempt.node_id == node_id
+                    select(TaskAttempt.task_id, TaskAttempt.attempt, TaskAttempt.node_id).where(
+                        TaskAttempt.task_id.in_(ids), TaskAttempt.node_id.in_(nodes)
                     )
                 )
             }
-            verdicts: list[ReportVerdict] = []
-            # The final values of each task this batch changes, applied together below.
+            results: list[list[ReportVerdict]] = []
+            # The final values of each task the batches change, applied together below.
             changes: dict[str, tuple[int, dict[str, Any]]] = {}
-            for report in reports:
-                task = state.get(report.task_id)
-                if task is None:
-                    verdicts.append(ReportVerdict.NOT_FOUND)
-                elif (report.task_id, report.attempt) not in held:
-                    verdicts.append(ReportVerdict.NOT_ASSIGNED)
-                elif (
-                    task["assigned_node_id"] != node_id
-                    or task["attempts"] != report.attempt
-                    or task["status"] not in _OWNED_STATES
-                ):
-                    verdicts.append(ReportVerdict.STALE)
-                else:
-                    values = _report_values(task, report, now)
-                    # Later reports in the batch see the change (a result after a start).
-                    task.update(values)
-                    earlier = changes.get(report.task_id, (report.attempt, {}))[1]
-                    changes[report.task_id] = (report.attempt, {**earlier, **values})
-                    verdicts.append(ReportVerdict.ACCEPTED)
+            for node_id, reports in batches:
+                verdicts: list[ReportVerdict] = []
+                for report in reports:
+                    task = state.get(report.task_id)
+                    if task is None:
+                        verdicts.append(ReportVerdict.NOT_FOUND)
+                    elif (report.task_id, report.attempt, node_id) not in held:
+                        verdicts.append(ReportVerdict.NOT_ASSIGNED)
+                    elif (
+                        task["assigned_node_id"] != node_id
+                        or task["attempts"] != report.attempt
+                        or task["status"] not in _OWNED_STATES
+                    ):
+                        verdicts.append(ReportVerdict.STALE)
+                    else:
+                        values = _report_values(task, report, now)
+                        # Later reports see the change (a result after a start).
+                        task.update(values)
+                        earlier = changes.get(report.task_id, (report.attempt, {}))[1]
+                        changes[report.task_id] = (report.attempt, {**earlier, **values})
+                        verdicts.append(ReportVerdict.ACCEPTED)
+                results.append(verdicts)
             self._apply_changes(conn, changes, now)
-        return verdicts
+        return results
 
     @staticmethod
     def _apply_changes(
