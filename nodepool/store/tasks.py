@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -626,23 +627,32 @@ class SqlTaskStore(SqlBase, TaskStore):
         node_of = dict(assignments)
         now = self._now()
         with self._write() as conn:
-            rows = conn.execute(
-                select(Task.id, Task.attempts, Task.timeout_seconds)
-                .where(Task.id.in_(sorted(node_of)), Task.status == "pending")
-                .order_by(Task.id)
-                # PostgreSQL: rows another claimer holds are skipped, not waited for.
-                .with_for_update(skip_locked=True)
-            ).all()
-            if not rows:
+            pending = [
+                _task(row)
+                for row in conn.execute(
+                    self._task_query()
+                    .where(Task.id.in_(sorted(node_of)), Task.status == "pending")
+                    .order_by(Task.id)
+                    # PostgreSQL: rows another claimer holds are skipped, not waited for.
+                    .with_for_update(skip_locked=True, of=Task)
+                )
+            ]
+            if not pending:
                 return []
-            params = [
-                {
-                    "t_id": row.id,
-                    "t_node": node_of[row.id],
-                    "t_attempt": row.attempts + 1,
-                    "t_lease": now + timedelta(seconds=row.timeout_seconds),
-                }
-                for row in rows
+            # The rows are locked (or, on SQLite, the database is): the records can be
+            # built here instead of read back.
+            assigned = [
+                replace(
+                    task,
+                    status="assigned",
+                    assigned_node_id=node_of[task.id],
+                    attempts=task.attempts + 1,
+                    progress=0.0,
+                    started_at=None,
+                    updated_at=now,
+                    lease_expires_at=now + timedelta(seconds=task.timeout_seconds),
+                )
+                for task in pending
             ]
             conn.execute(
                 update(Task)
@@ -656,24 +666,29 @@ class SqlTaskStore(SqlBase, TaskStore):
                     updated_at=now,
                     lease_expires_at=bindparam("t_lease"),
                 ),
-                params,
+                [
+                    {
+                        "t_id": task.id,
+                        "t_node": task.assigned_node_id,
+                        "t_attempt": task.attempts,
+                        "t_lease": task.lease_expires_at,
+                    }
+                    for task in assigned
+                ],
             )
             conn.execute(
                 insert(TaskAttempt),
                 [
                     {
-                        "task_id": p["t_id"],
-                        "attempt": p["t_attempt"],
-                        "node_id": p["t_node"],
+                        "task_id": task.id,
+                        "attempt": task.attempts,
+                        "node_id": task.assigned_node_id,
                         "assigned_at": now,
                     }
-                    for p in params
+                    for task in assigned
                 ],
             )
-            assigned = conn.execute(
-                self._task_query().where(Task.id.in_([p["t_id"] for p in params]))
-            ).all()
-        return [_task(row) for row in assigned]
+        return assigned
 
     def active_tasks_of_node(self, node_id: str) -> list[TaskRecord]:
         # Reports bump updated_at; the attempt row keeps when the task was assigned
@@ -728,14 +743,30 @@ class SqlTaskStore(SqlBase, TaskStore):
                     ).where(Task.id.in_(ids))
                 )
             }
+            # Which node held which attempt matters only for a report that does not match
+            # the task's current assignment (late, or never this node's): the common case
+            # needs no second read.
             held = {
-                (row.task_id, row.attempt, row.node_id)
-                for row in conn.execute(
-                    select(TaskAttempt.task_id, TaskAttempt.attempt, TaskAttempt.node_id).where(
-                        TaskAttempt.task_id.in_(ids), TaskAttempt.node_id.in_(nodes)
+                (task_id, task["attempts"], task["assigned_node_id"])
+                for task_id, task in state.items()
+            }
+            doubtful = sorted(
+                {
+                    report.task_id
+                    for node_id, reports in batches
+                    for report in reports
+                    if (report.task_id, report.attempt, node_id) not in held
+                }
+            )
+            if doubtful:
+                held.update(
+                    (row.task_id, row.attempt, row.node_id)
+                    for row in conn.execute(
+                        select(TaskAttempt.task_id, TaskAttempt.attempt, TaskAttempt.node_id).where(
+                            TaskAttempt.task_id.in_(doubtful), TaskAttempt.node_id.in_(nodes)
+                        )
                     )
                 )
-            }
             results: list[list[ReportVerdict]] = []
             # The final values of each task the batches change, applied together below.
             changes: dict[str, tuple[int, dict[str, Any]]] = {}
