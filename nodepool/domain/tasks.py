@@ -72,6 +72,8 @@ _FALLBACK_WAKE_SECONDS = 1.0
 # How often a delivery stream reads what its node holds even when nothing said it changed
 # (assignments made by another instance).
 _RECONCILE_SECONDS = 3.0
+# At most this many scheduling rounds a second under load (see Scheduler.run).
+_MIN_ROUND_SECONDS = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +242,18 @@ class Scheduler:
 
     async def run(self) -> None:
         """Places tasks whenever woken (and at least every second), until cancelled."""
+        loop = asyncio.get_running_loop()
+        last_round = -math.inf
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _FALLBACK_WAKE_SECONDS)
+            # Rounds close together are merged: under load every report would wake a
+            # round of its own, each paying the reads and the transaction for a task or
+            # two. An idle scheduler still starts at once.
+            since = loop.time() - last_round
+            if since < _MIN_ROUND_SECONDS:
+                await asyncio.sleep(_MIN_ROUND_SECONDS - since)
+            last_round = loop.time()
             self._wake.clear()
             try:
                 placed = await self.place()
