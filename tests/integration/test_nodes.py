@@ -26,7 +26,14 @@ from nodepool.v1 import master_node_pb2_grpc as mgrpc
 from nodepool.v1 import node_manager_pb2 as npb
 from nodepool.v1 import node_manager_pb2_grpc as ngrpc
 from tests.fixtures.accounts import BACKENDS, Account, Pool, refused, start_pool
-from tests.fixtures.nodes import NodeClient, list_nodes, new_node, node_status, wait_for
+from tests.fixtures.nodes import (
+    NodeClient,
+    hold_task,
+    list_nodes,
+    new_node,
+    node_status,
+    wait_for,
+)
 
 MAX_NODES = 2
 # Beats are written behind every second (min(1, interval / 4)); two seconds is the promise.
@@ -633,16 +640,23 @@ def test_drain_deadline_bounds(pool: Pool, owner: Account, make_node: Any) -> No
         ),
         INVALID,
     )
-    # 0 means the default (ten minutes).
-    reply = _nodes(pool).RemoveNode(
-        npb.RemoveNodeRequest(node_id=node.node_id, drain=True),
-        metadata=owner.auth,
-        timeout=10,
-    )
-    remaining = reply.node.drain_deadline.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
-    assert 540 < remaining.total_seconds() <= 600
-    # A draining node that re-registers stays draining.
-    assert node.register().node.status == npb.NODE_STATUS_DRAINING
+    # A running task keeps the node draining (an idle one would be removed at once).
+    label = uuid.uuid4().hex[:12]
+    node.register(labels={"only": label})
+    stream = hold_task(pool, owner, node, label)
+    try:
+        # 0 means the default (ten minutes).
+        reply = _nodes(pool).RemoveNode(
+            npb.RemoveNodeRequest(node_id=node.node_id, drain=True),
+            metadata=owner.auth,
+            timeout=10,
+        )
+        remaining = reply.node.drain_deadline.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
+        assert 540 < remaining.total_seconds() <= 600
+        # A draining node that re-registers stays draining.
+        assert node.register(labels={"only": label}).node.status == npb.NODE_STATUS_DRAINING
+    finally:
+        stream.cancel()
 
 
 # -- pool statistics -----------------------------------------------------------------------
