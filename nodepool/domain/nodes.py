@@ -160,7 +160,9 @@ def _check_address(address: str) -> str:
         return str(ipaddress.ip_address(address))
     except ValueError:
         pass
-    if _HOSTNAME.fullmatch(address):
+    # A name whose last label is all digits is no host name (RFC 3696 §2): "999.1.1.1" is
+    # an IPv4 address out of range, not a name to resolve later.
+    if _HOSTNAME.fullmatch(address) and not address.rsplit(".", 1)[-1].isdigit():
         return address.lower()
     raise InvalidArgumentError("ip_address must be an IP address or a host name")
 
