@@ -312,7 +312,8 @@ class NodePoolServer:
                 await self._audit.flush()
             self._audit = None
         if self._calls is not None:
-            self._calls.shutdown()
+            # A store call still running would open a connection after the store closes.
+            await asyncio.to_thread(self._calls.shutdown)
             self._calls = None
         if self._cache is not None:
             await self._cache.close()

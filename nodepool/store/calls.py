@@ -43,7 +43,8 @@ class StoreCalls:
             raise StoreUnavailable("the database did not answer in time") from None
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Drops queued calls and waits for running ones, so the store can close after."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class GroupCommit(Generic[ItemT, ResultT]):
