@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -11,6 +12,8 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Integer,
+    Update,
     and_,
     bindparam,
     case,
@@ -89,6 +92,100 @@ _TASK_COLUMNS = (
 )
 
 
+# The hot statements are built once: building a statement costs more than running it, and
+# reusing the same object lets SQLAlchemy reuse its compiled form without adapting it.
+_TASKS = select(*_TASK_COLUMNS).join(User, User.id == Task.user_id)
+_TASK_BY_ID = _TASKS.where(Task.id == bindparam("task_id"))
+_TASKS_BY_IDS = _TASKS.where(Task.id.in_(bindparam("ids", expanding=True)))
+_PENDING_BY_IDS = (
+    _TASKS.where(Task.id.in_(bindparam("ids", expanding=True)), Task.status == "pending")
+    .order_by(Task.id)
+    # PostgreSQL: rows another claimer holds are skipped, not waited for.
+    .with_for_update(skip_locked=True, of=Task)
+)
+_HELD_ATTEMPTS = select(Task.id, Task.attempts).where(
+    Task.assigned_node_id == bindparam("node_id"),
+    or_(Task.status == "assigned", Task.status == "running"),
+)
+_ASSIGN = (
+    update(Task)
+    .where(Task.id == bindparam("t_id"), Task.status == "pending")
+    .values(
+        status="assigned",
+        assigned_node_id=bindparam("t_node"),
+        attempts=bindparam("t_attempt"),
+        progress=0.0,
+        started_at=None,
+        updated_at=bindparam("t_now"),
+        lease_expires_at=bindparam("t_lease"),
+    )
+)
+_INSERT_TASKS = insert(Task)
+_INSERT_ATTEMPTS = insert(TaskAttempt)
+_REPORTED_STATE = select(
+    Task.id,
+    Task.status,
+    Task.assigned_node_id,
+    Task.attempts,
+    Task.max_attempts,
+    Task.started_at,
+).where(Task.id.in_(bindparam("ids", expanding=True)))
+_ATTEMPT_HOLDERS = select(TaskAttempt.task_id, TaskAttempt.attempt, TaskAttempt.node_id).where(
+    TaskAttempt.task_id.in_(bindparam("ids", expanding=True)),
+    TaskAttempt.node_id.in_(bindparam("nodes", expanding=True)),
+)
+_NODE_LOADS = (
+    select(
+        Task.assigned_node_id,
+        func.count(),
+        func.coalesce(func.sum(Task.required_cpu_cores), 0),
+        func.coalesce(func.sum(Task.required_memory_gb), 0.0),
+    )
+    .where(
+        or_(Task.status == "assigned", Task.status == "running"),
+        Task.assigned_node_id.is_not(None),
+    )
+    .group_by(Task.assigned_node_id)
+)
+_PENDING_QUEUES = (
+    select(Task.priority, Task.user_id)
+    .where(Task.status == "pending")
+    .group_by(Task.priority, Task.user_id)
+)
+_QUEUE_HEAD = (
+    select(
+        Task.id,
+        Task.user_id.label("owner_id"),
+        Task.priority,
+        Task.required_cpu_cores,
+        Task.required_memory_gb,
+        Task.required_labels,
+        Task.created_at,
+    )
+    .where(
+        Task.status == "pending",
+        Task.user_id == bindparam("owner_id"),
+        Task.priority == bindparam("priority"),
+    )
+    .order_by(Task.created_at, Task.id)
+    .limit(bindparam("head", type_=Integer, literal_execute=True))
+)
+_OWNER = (
+    select(User.id, User.username)
+    .where(User.username_canonical == bindparam("canonical"))
+    .with_for_update()
+)
+_PENDING_OF_OWNER = (
+    select(func.count())
+    .select_from(Task)
+    .where(Task.user_id == bindparam("owner_id"), Task.status == "pending")
+)
+_EARLIER_BY_KEYS = _TASKS.where(
+    Task.user_id == bindparam("owner_id"),
+    Task.idempotency_key.in_(bindparam("keys", expanding=True)),
+)
+
+
 def _task(row: AnyRow) -> TaskRecord:
     fields = dict(row._mapping)
     # Drivers return buffer types for BLOB/bytea; records hold plain bytes.
@@ -143,6 +240,21 @@ def _report_values(task: Mapping[str, Any], report: TaskReportIn, now: datetime)
     }
 
 
+@functools.lru_cache(maxsize=64)
+def _report_update(shape: tuple[str, ...]) -> Update:
+    """The compare-and-set UPDATE for one shape of report (built once per shape)."""
+    return (
+        update(Task)
+        .where(
+            Task.id == bindparam("t_id"),
+            Task.attempts == bindparam("t_attempt"),
+            # Spelled out: an IN list cannot go into an executemany.
+            or_(Task.status == "assigned", Task.status == "running"),
+        )
+        .values(updated_at=bindparam("t_now"), **{name: bindparam(f"v_{name}") for name in shape})
+    )
+
+
 def requeue_tasks(
     conn: Connection, which: ColumnElement[bool], reason: str, now: datetime
 ) -> list[str]:
@@ -186,7 +298,7 @@ class SqlTaskStore(SqlBase, TaskStore):
         return select(*_TASK_COLUMNS).join(User, User.id == Task.user_id)
 
     def _load_task(self, conn: Connection, task_id: str) -> TaskRecord:
-        row = conn.execute(self._task_query().where(Task.id == task_id)).first()
+        row = conn.execute(_TASK_BY_ID, {"task_id": task_id}).first()
         if row is None:
             raise NotFound("no such task")
         return _task(row)
@@ -240,22 +352,14 @@ class SqlTaskStore(SqlBase, TaskStore):
         with self._write() as conn:
             # Locking the owner serialises this owner's submissions on PostgreSQL, so the
             # pending limit and the insert cannot interleave.
-            owner_row = conn.execute(
-                select(User.id, User.username)
-                .where(User.username_canonical == canonical_username(owner))
-                .with_for_update()
-            ).first()
+            owner_row = conn.execute(_OWNER, {"canonical": canonical_username(owner)}).first()
             if owner_row is None:
                 raise NotFound("no such user")
             owner_id, owner_name = owner_row
             keys = [task.idempotency_key for task in tasks if task.idempotency_key is not None]
             earlier: dict[str, TaskRecord] = {}
             if keys:
-                for row in conn.execute(
-                    self._task_query().where(
-                        Task.user_id == owner_id, Task.idempotency_key.in_(keys)
-                    )
-                ):
+                for row in conn.execute(_EARLIER_BY_KEYS, {"owner_id": owner_id, "keys": keys}):
                     record = _task(row)
                     assert record.idempotency_key is not None
                     earlier[record.idempotency_key] = record
@@ -320,14 +424,10 @@ class SqlTaskStore(SqlBase, TaskStore):
             if not rows:
                 return results
             if max_pending is not None:
-                pending = conn.scalar(
-                    select(func.count())
-                    .select_from(Task)
-                    .where(Task.user_id == owner_id, Task.status == "pending")
-                )
+                pending = conn.scalar(_PENDING_OF_OWNER, {"owner_id": owner_id})
                 if (pending or 0) + len(rows) > max_pending:
                     raise LimitExceeded("too many pending tasks")
-            conn.execute(insert(Task), rows)
+            conn.execute(_INSERT_TASKS, rows)
         return results
 
     def get_task(self, task_id: str) -> TaskRecord:
@@ -529,11 +629,7 @@ class SqlTaskStore(SqlBase, TaskStore):
 
     def pending_queues(self) -> list[tuple[int, int]]:
         with self._read() as conn:
-            rows = conn.execute(
-                select(Task.priority, Task.user_id)
-                .where(Task.status == "pending")
-                .group_by(Task.priority, Task.user_id)
-            ).all()
+            rows = conn.execute(_PENDING_QUEUES).all()
         return [(int(priority), int(owner_id)) for priority, owner_id in rows]
 
     def queued_tasks(
@@ -545,30 +641,15 @@ class SqlTaskStore(SqlBase, TaskStore):
     ) -> list[QueuedTask]:
         # Each (priority, owner) queue is read on its own through the index, oldest first:
         # a window over the whole backlog would cost time in proportion to it every round.
-        head = (
-            select(
-                Task.id,
-                Task.user_id.label("owner_id"),
-                Task.priority,
-                Task.required_cpu_cores,
-                Task.required_memory_gb,
-                Task.required_labels,
-                Task.created_at,
-            )
-            .where(
-                Task.status == "pending",
-                Task.user_id == bindparam("owner_id"),
-                Task.priority == bindparam("priority"),
-            )
-            .order_by(Task.created_at, Task.id)
-            .limit(min(per_owner, limit))
-        )
+        head = min(per_owner, limit)
         groups = self.pending_queues() if queues is None else queues
         with self._read() as conn:
             # priority -> one list per owner of (created_at, id, task), oldest first.
             heads: dict[int, list[list[tuple[datetime, str, QueuedTask]]]] = {}
             for priority, owner_id in groups:
-                rows = conn.execute(head, {"owner_id": owner_id, "priority": priority}).all()
+                rows = conn.execute(
+                    _QUEUE_HEAD, {"owner_id": owner_id, "priority": priority, "head": head}
+                ).all()
                 if not rows:
                     continue
                 heads.setdefault(priority, []).append(
@@ -604,18 +685,8 @@ class SqlTaskStore(SqlBase, TaskStore):
         return ordered
 
     def node_loads(self) -> dict[str, NodeLoad]:
-        query = (
-            select(
-                Task.assigned_node_id,
-                func.count(),
-                func.coalesce(func.sum(Task.required_cpu_cores), 0),
-                func.coalesce(func.sum(Task.required_memory_gb), 0.0),
-            )
-            .where(Task.status.in_(_OWNED_STATES), Task.assigned_node_id.is_not(None))
-            .group_by(Task.assigned_node_id)
-        )
         with self._read() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(_NODE_LOADS).all()
         return {
             str(node_id): NodeLoad(int(count), int(cpu), float(memory))
             for node_id, count, cpu, memory in rows
@@ -628,14 +699,7 @@ class SqlTaskStore(SqlBase, TaskStore):
         now = self._now()
         with self._write() as conn:
             pending = [
-                _task(row)
-                for row in conn.execute(
-                    self._task_query()
-                    .where(Task.id.in_(sorted(node_of)), Task.status == "pending")
-                    .order_by(Task.id)
-                    # PostgreSQL: rows another claimer holds are skipped, not waited for.
-                    .with_for_update(skip_locked=True, of=Task)
-                )
+                _task(row) for row in conn.execute(_PENDING_BY_IDS, {"ids": sorted(node_of)})
             ]
             if not pending:
                 return []
@@ -655,29 +719,20 @@ class SqlTaskStore(SqlBase, TaskStore):
                 for task in pending
             ]
             conn.execute(
-                update(Task)
-                .where(Task.id == bindparam("t_id"), Task.status == "pending")
-                .values(
-                    status="assigned",
-                    assigned_node_id=bindparam("t_node"),
-                    attempts=bindparam("t_attempt"),
-                    progress=0.0,
-                    started_at=None,
-                    updated_at=now,
-                    lease_expires_at=bindparam("t_lease"),
-                ),
+                _ASSIGN,
                 [
                     {
                         "t_id": task.id,
                         "t_node": task.assigned_node_id,
                         "t_attempt": task.attempts,
+                        "t_now": now,
                         "t_lease": task.lease_expires_at,
                     }
                     for task in assigned
                 ],
             )
             conn.execute(
-                insert(TaskAttempt),
+                _INSERT_ATTEMPTS,
                 [
                     {
                         "task_id": task.id,
@@ -704,17 +759,15 @@ class SqlTaskStore(SqlBase, TaskStore):
             return [_task(row) for row in conn.execute(query)]
 
     def held_task_attempts(self, node_id: str) -> dict[str, int]:
-        query = select(Task.id, Task.attempts).where(
-            Task.assigned_node_id == node_id, Task.status.in_(_OWNED_STATES)
-        )
         with self._read() as conn:
-            return {task_id: attempts for task_id, attempts in conn.execute(query)}
+            rows = conn.execute(_HELD_ATTEMPTS, {"node_id": node_id}).all()
+            return {row.id: row.attempts for row in rows}
 
     def get_tasks(self, task_ids: Sequence[str]) -> list[TaskRecord]:
         if not task_ids:
             return []
         with self._read() as conn:
-            rows = conn.execute(self._task_query().where(Task.id.in_(sorted(set(task_ids)))))
+            rows = conn.execute(_TASKS_BY_IDS, {"ids": sorted(set(task_ids))})
             return [_task(row) for row in rows]
 
     def report_tasks(self, node_id: str, reports: Sequence[TaskReportIn]) -> list[ReportVerdict]:
@@ -731,17 +784,7 @@ class SqlTaskStore(SqlBase, TaskStore):
         now = self._now()
         with self._write() as conn:
             state = {
-                row.id: dict(row._mapping)
-                for row in conn.execute(
-                    select(
-                        Task.id,
-                        Task.status,
-                        Task.assigned_node_id,
-                        Task.attempts,
-                        Task.max_attempts,
-                        Task.started_at,
-                    ).where(Task.id.in_(ids))
-                )
+                row.id: dict(row._mapping) for row in conn.execute(_REPORTED_STATE, {"ids": ids})
             }
             # Which node held which attempt matters only for a report that does not match
             # the task's current assignment (late, or never this node's): the common case
@@ -761,11 +804,7 @@ class SqlTaskStore(SqlBase, TaskStore):
             if doubtful:
                 held.update(
                     (row.task_id, row.attempt, row.node_id)
-                    for row in conn.execute(
-                        select(TaskAttempt.task_id, TaskAttempt.attempt, TaskAttempt.node_id).where(
-                            TaskAttempt.task_id.in_(doubtful), TaskAttempt.node_id.in_(nodes)
-                        )
-                    )
+                    for row in conn.execute(_ATTEMPT_HOLDERS, {"ids": doubtful, "nodes": nodes})
                 )
             results: list[list[ReportVerdict]] = []
             # The final values of each task the batches change, applied together below.
@@ -806,17 +845,9 @@ class SqlTaskStore(SqlBase, TaskStore):
             row = {f"v_{name}": value for name, value in values.items()}
             by_shape.setdefault(shape, []).append({"t_id": task_id, "t_attempt": attempt, **row})
         for shape, params in by_shape.items():
-            conn.execute(
-                update(Task)
-                .where(
-                    Task.id == bindparam("t_id"),
-                    Task.attempts == bindparam("t_attempt"),
-                    # Spelled out: an IN list cannot go into an executemany.
-                    or_(Task.status == "assigned", Task.status == "running"),
-                )
-                .values(updated_at=now, **{name: bindparam(f"v_{name}") for name in shape}),
-                params,
-            )
+            for row in params:
+                row["t_now"] = now
+            conn.execute(_report_update(shape), params)
 
     def fail_overdue_tasks(self, now: datetime) -> list[TaskRecord]:
         overdue = and_(Task.status.in_(_OWNED_STATES), Task.lease_expires_at < now)
