@@ -467,23 +467,22 @@ class TaskService:
     async def status(self, principal: Principal, task_id: str, wait_seconds: int) -> TaskRecord:
         if wait_seconds > _MAX_WAIT_SECONDS:
             raise InvalidArgumentError(f"wait_seconds must be at most {_MAX_WAIT_SECONDS}")
-        task = await self._visible(principal, task_id)
-        if not wait_seconds or task.status in TASK_TERMINAL_STATUSES:
-            return task
+        if not wait_seconds:
+            return await self._visible(principal, task_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
-        while task.status not in TASK_TERMINAL_STATUSES:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            event = self._hub.waiter(task.id)
+        while True:
+            # The waiter comes before the read: a task finishing in between still wakes it.
+            event = self._hub.waiter(task_id)
             try:
+                task = await self._visible(principal, task_id)
+                remaining = deadline - loop.time()
+                if task.status in TASK_TERMINAL_STATUSES or remaining <= 0:
+                    return task
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining, _FALLBACK_WAKE_SECONDS))
             finally:
-                self._hub.forget_waiter(task.id, event)
-            task = await self._visible(principal, task_id)
-        return task
+                self._hub.forget_waiter(task_id, event)
 
     async def cancel(self, principal: Principal, task_id: str) -> TaskRecord:
         task = await self._visible(principal, task_id)
@@ -557,7 +556,13 @@ class TaskService:
                     stream.reconcile = False
                     read_at = loop.time()
                     held: dict[str, int] = await self._db(self._store.held_task_attempts, node_id)
-                    missing = [tid for tid, attempt in held.items() if sent.get(tid) != attempt]
+                    # What was handed over meanwhile need not be read again.
+                    pushed = {task.id: task.attempts for task in stream.assigned}
+                    missing = [
+                        tid
+                        for tid, attempt in held.items()
+                        if sent.get(tid) != attempt and pushed.get(tid) != attempt
+                    ]
                     if missing:
                         records: list[TaskRecord] = await self._db(self._store.get_tasks, missing)
                         new.update((task.id, task) for task in records)
