@@ -270,13 +270,29 @@ class Scheduler:
         if not nodes:
             return 0
         now = asyncio.get_running_loop().time()
-        if self._reread_queues or now - self._queues_read_at >= _FALLBACK_WAKE_SECONDS:
+        reread = self._reread_queues or now - self._queues_read_at >= _FALLBACK_WAKE_SECONDS
+        if reread:
             self._reread_queues = False
             self._queues_read_at = now
-            self._queues = set(await self._calls(self._store.pending_queues))
-        if not self._queues:
+        elif not self._queues:
             return 0
-        loads: dict[str, NodeLoad] = await self._calls(self._store.node_loads)
+        # The reads, the plan and the assignment run in one trip to a store thread.
+        assigned, queues = await self._calls(
+            self._round, nodes, None if reread else sorted(self._queues)
+        )
+        self._queues = queues
+        self._hub.assigned(assigned)
+        return len(assigned)
+
+    def _round(
+        self, nodes: list[NodeEntry], queues: list[tuple[int, int]] | None
+    ) -> tuple[list[TaskRecord], set[tuple[int, int]]]:
+        """Runs on a store thread: what is free, what waits, who gets what."""
+        if queues is None:
+            queues = self._store.pending_queues()
+        if not queues:
+            return [], set()
+        loads = self._store.node_loads()
         free: dict[str, list[float]] = {}
         heap: list[tuple[float, str]] = []
         by_id: dict[str, NodeEntry] = {}
@@ -294,17 +310,13 @@ class Scheduler:
             heapq.heappush(heap, (load.tasks / node.task_slots, node.id))
         free_slots = int(sum(room[0] for room in free.values()))
         if not free_slots:
-            return 0
+            return [], set(queues)
         limit = min(self._batch, free_slots)
-        queue = await self._calls(
-            self._store.queued_tasks,
-            per_owner=self._per_owner,
-            limit=limit,
-            queues=sorted(self._queues),
-        )
+        queue = self._store.queued_tasks(per_owner=self._per_owner, limit=limit, queues=queues)
+        remaining = set(queues)
         if len(queue) < limit:
             # Every queue was read to its end: the ones that gave nothing are empty.
-            self._queues = {(task.priority, task.owner_id) for task in queue}
+            remaining = {(task.priority, task.owner_id) for task in queue}
         assignments: list[tuple[str, str]] = []
         for task in queue:
             if not heap:
@@ -335,10 +347,8 @@ class Scheduler:
             if chosen is not None:
                 assignments.append((task.id, chosen))
         if not assignments:
-            return 0
-        assigned: list[TaskRecord] = await self._calls(self._store.assign_tasks, assignments)
-        self._hub.assigned(assigned)
-        return len(assigned)
+            return [], remaining
+        return self._store.assign_tasks(assignments), remaining
 
 
 def _check_submission(submission: TaskSubmission, limits: TaskLimits) -> NewTask:
