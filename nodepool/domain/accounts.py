@@ -18,6 +18,7 @@ from nodepool.auth.apikeys import generate_api_key
 from nodepool.auth.events import AuthEvent, AuthEvents
 from nodepool.auth.passwords import (
     PasswordHasher,
+    check_signup_username,
     validate_email,
     validate_password,
     validate_username,
@@ -59,6 +60,7 @@ ACCOUNT_ROLES = frozenset({ADMIN, USER})
 API_KEY_SCOPES = ACCOUNT_ROLES
 
 _LOGIN_FAILED = "invalid username or password"
+_LAST_ADMIN = "the last active administrator cannot be removed"
 _MAX_FIELD = 1024
 
 
@@ -161,6 +163,7 @@ class Accounts:
             self._login.registrations_per_peer_per_minute
         ):
             raise ResourceExhaustedError("too many sign-ups; try again later")
+        check_signup_username(_bounded(username, "username"))
 
         async def hash_password(password: str) -> str:
             return await self._hashing(self._hasher.hash, password)
@@ -375,12 +378,14 @@ class Accounts:
         role = self._grantable(actor, role)
         username = _bounded(username, "username", 64)
         try:
-            user = await self._db(self._store.remove_role, username, role)
+            # One transaction that counts the administrators left under a lock.
+            user = await self._db(
+                self._store.remove_role, username, role, keep_an_admin=role == ADMIN
+            )
         except NotFound:
             raise NotFoundError("no such user") from None
-        if role == ADMIN and not await self._an_admin_remains():
-            await self._db(self._store.add_role, username, ADMIN)
-            raise FailedPreconditionError("the last active administrator cannot be removed")
+        except Conflict:
+            raise FailedPreconditionError(_LAST_ADMIN) from None
         await self._events.publish(AuthEvent.USER_CHANGED, user.username)
         return user
 
@@ -391,34 +396,22 @@ class Accounts:
             raise PermissionDeniedError("you cannot grant or revoke a role you do not hold")
         return role
 
-    async def _an_admin_remains(self) -> bool:
-        # Checked after the change, which is undone when none remains: two administrators
-        # demoting each other at once both see none left and both undo, so the race can
-        # only ever keep an administrator, never lose the last one.
-        return any(ADMIN in u.roles and u.is_active for u in await self._all_users())
-
-    async def _all_users(self) -> list[UserRecord]:
-        users: list[UserRecord] = []
-        cursor: str | None = None
-        while True:
-            page = await self._db(self._store.list_users, limit=500, cursor=cursor)
-            users.extend(page.items)
-            if page.next_cursor is None:
-                return users
-            cursor = page.next_cursor
-
     async def set_active(self, actor: Principal, username: str, active: bool) -> UserRecord:
         assert actor.username is not None
         username = _bounded(username, "username", 64)
         if not active and username.casefold() == actor.username.casefold():
             raise FailedPreconditionError("you cannot deactivate your own account")
         try:
-            user = await self._db(self._store.update_user_fields, username, is_active=active)
+            user = await self._db(
+                self._store.update_user_fields,
+                username,
+                is_active=active,
+                keep_an_admin=not active,
+            )
         except NotFound:
             raise NotFoundError("no such user") from None
-        if not active and not await self._an_admin_remains():
-            await self._db(self._store.update_user_fields, username, is_active=True)
-            raise FailedPreconditionError("the last active administrator cannot be removed")
+        except Conflict:
+            raise FailedPreconditionError(_LAST_ADMIN) from None
         if not active:
             await self._end_sessions_of(user.username, "account deactivated")
         await self._events.publish(AuthEvent.USER_CHANGED, user.username)

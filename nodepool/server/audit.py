@@ -45,6 +45,9 @@ class AuditTrail:
         # Bounded: while the database is unreachable the oldest entries give way.
         self._buffer: deque[AuditEntry] = deque(maxlen=max_buffer)
         self._dropped = 0
+        # Every entry ever given up because the buffer was full; never reset, so an
+        # operator (or a metrics exporter) can see that the log has a hole.
+        self.dropped_total = 0
 
     def refused(self, call: Call, error: NodePoolError) -> None:
         self._record(call, status_for(error), error.public_message)
@@ -55,7 +58,7 @@ class AuditTrail:
 
     def _record(self, call: Call, code: grpc.StatusCode, reason: str | None) -> None:
         if len(self._buffer) == self._buffer.maxlen:
-            self._dropped += 1
+            self._count_dropped(1)
         detail = {"code": code.name}
         if reason:
             detail["reason"] = reason
@@ -81,9 +84,20 @@ class AuditTrail:
         try:
             await self._append(batch)
         except Exception:
-            # Put the batch back in front; the next flush retries it.
-            self._buffer.extendleft(reversed(batch))
+            # Put the batch back in front of what arrived meanwhile; the next flush retries
+            # it. When both no longer fit, the oldest entries give way, as everywhere else
+            # (extendleft on a full deque would push out the newest instead).
+            pending = batch + list(self._buffer)
+            capacity = self._buffer.maxlen or len(pending)
+            overflow = max(0, len(pending) - capacity)
+            self._count_dropped(overflow)
+            self._buffer.clear()
+            self._buffer.extend(pending[overflow:])
             raise
         if self._dropped:
             _log.error("audit buffer overflowed: %d entries were dropped", self._dropped)
             self._dropped = 0
+
+    def _count_dropped(self, count: int) -> None:
+        self._dropped += count
+        self.dropped_total += count
