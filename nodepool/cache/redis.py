@@ -139,6 +139,10 @@ class RedisCache(Cache):
             count = await self._hit(keys=[self._key("rl", key)], args=[window])
         return int(count)
 
+    async def reset(self, key: str) -> None:
+        with _translated():
+            await self._client.delete(self._key("rl", key))
+
     # -- heartbeat buffer ---------------------------------------------------------------
 
     async def put_heartbeat(self, node_id: str, payload: bytes) -> None:

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 import grpc
 
+from nodepool.auditnote import current_audit_note
 from nodepool.errors import NodePoolError
 from nodepool.server.pipeline import Call
 from nodepool.status import status_for
@@ -63,13 +64,23 @@ class AuditTrail:
         if reason:
             detail["reason"] = reason
         principal = call.principal
+        username = principal.username if principal else None
+        outcome = outcome_for(code)
+        # What the domain noted about this call: the account a login was aimed at, a
+        # lockout (a denial, whatever its status code), fixed words of detail.
+        note = current_audit_note()
+        if note is not None:
+            username = note.subject or username
+            if note.denied and code is not grpc.StatusCode.OK:
+                outcome = "denied"
+            detail.update(note.detail)
         self._buffer.append(
             AuditEntry(
                 at=datetime.now(UTC),
                 principal=call.peer.spiffe_id if call.peer else "-",
-                username=principal.username if principal else None,
+                username=username,
                 method=call.method,
-                outcome=outcome_for(code),
+                outcome=outcome,
                 # gRPC percent-encodes IPv6 brackets ("ipv6:%5B::1%5D:5555").
                 peer=unquote(call.context.peer() or ""),
                 detail=detail,
