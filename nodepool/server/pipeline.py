@@ -97,9 +97,9 @@ def identity_stage(certificates: PeerCertificateCache) -> Stage:
 
 
 def revocation_stage(revocations: RevocationList) -> Stage:
-    def check_revocation(call: Call) -> None:
+    def check_revocation(call: Call) -> Awaitable[None] | None:
         assert call.peer is not None
-        revocations.check(call.peer.serial)
+        return revocations.check(call.peer.serial)
 
     return check_revocation
 
