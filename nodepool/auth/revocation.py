@@ -60,7 +60,6 @@ class RevocationList:
         # or just renewed), each at most once per _UNKNOWN_RECHECK seconds; only
         # certificates that chain to our CA get here, so this is no lever for strangers.
         self._rechecked: dict[int, float] = {}
-        self._pending: asyncio.Future[None] | None = None
         # Until the first successful refresh the state is unknown.
         self._fresh_until = float("-inf")
 
@@ -90,14 +89,11 @@ class RevocationList:
             raise UnauthenticatedError("certificate is not accepted")
 
     async def _refresh_once(self) -> bool:
-        """One read of the records, shared by every caller waiting at the same time."""
-        if self._pending is None or self._pending.done():
-            loop = asyncio.get_running_loop()
-            self._pending = asyncio.ensure_future(
-                loop.run_in_executor(self._executor, self.refresh)
-            )
+        """One read of the records started now (a read already under way may have begun
+        before the certificate was recorded, so it is not shared)."""
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.shield(self._pending)
+            await loop.run_in_executor(self._executor, self.refresh)
         except Exception:
             # Unknown stays unknown: the caller is refused, and the poll goes on (and
             # logs the outage once).
