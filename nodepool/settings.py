@@ -209,6 +209,9 @@ class Settings:
     registrations_per_peer_per_minute: int = field(
         default=10, metadata={"parse": _parse_int(1, 100000)}
     )
+    # A refresh retried from the same device this soon (its reply was lost) gets the
+    # same new pair back instead of ending the session as a reused token; 0 turns it off.
+    refresh_reuse_seconds: float = field(default=5.0, metadata={"parse": _parse_float(0, 60)})
     # argon2id cost; the defaults are RFC 9106's second recommended profile.
     password_hash_time_cost: int = field(default=3, metadata={"parse": _parse_int(1, 100)})
     # argon2 needs at least 8 KiB per lane, and the hasher uses 4 lanes.

@@ -6,12 +6,15 @@ Below both the servicers and the server, which each translate at their edge.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
 
 from nodepool import errors
+from nodepool.cache.errors import CacheUnavailable
+from nodepool.store.errors import StoreUnavailable
 
 __all__ = ["INTERNAL_MESSAGE", "STATUS_BY_ERROR", "status_for", "translate_errors"]
 
@@ -39,6 +42,26 @@ def status_for(error: errors.NodePoolError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class _OutageLog:
+    """One warning when calls start failing for an outage; quiet while it lasts."""
+
+    # Failures further apart than this are taken as separate outages.
+    quiet_seconds = 30.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def seen(self, what: str) -> None:
+        now = time.monotonic()
+        last = self._last.get(what)
+        self._last[what] = now
+        if last is None or now - last > self.quiet_seconds:
+            _log.warning("calls answer UNAVAILABLE: the %s cannot be reached", what)
+
+
+_outages = _OutageLog()
+
+
 @asynccontextmanager
 async def translate_errors(
     context: grpc.aio.ServicerContext[object, object],
@@ -50,6 +73,12 @@ async def translate_errors(
         await context.abort(status_for(error), error.public_message)
     except grpc.aio.AbortError:
         raise
+    except (CacheUnavailable, StoreUnavailable) as exc:
+        # An outage, not a bug: the caller may retry, and it ends by itself when the
+        # service returns. Logged once per outage rather than a traceback per call.
+        _outages.seen("cache" if isinstance(exc, CacheUnavailable) else "database")
+        unavailable = errors.UnavailableError()
+        await context.abort(status_for(unavailable), unavailable.public_message)
     except Exception:
         _log.exception("unexpected error in %s", "servicer")
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

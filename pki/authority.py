@@ -7,6 +7,7 @@ certificate's own URI SAN (``spiffe://<trust-domain>``), so ``ca.crt`` is self-d
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Self, TypeAlias
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.x509.oid import NameOID
 
 from pki.errors import (
@@ -59,10 +62,17 @@ __all__ = [
 DEFAULT_TRUST_DOMAIN = "nodepool.local"
 CA_LIFETIME = timedelta(days=3650)
 DEFAULT_LIFETIMES: dict[CertificateKind, timedelta] = {
-    CertificateKind.SERVER: timedelta(days=397),
+    # Mozilla's root store policy caps TLS server certificates at 366 days (Apple and
+    # Chrome are moving lower); rotation needs no restart, so a shorter life costs nothing.
+    CertificateKind.SERVER: timedelta(days=366),
     CertificateKind.NODE: timedelta(days=7),
     CertificateKind.CLIENT: timedelta(days=90),
 }
+# PBKDF2-HMAC-SHA256 rounds for an encrypted CA key: OWASP's current recommendation
+# (Password Storage Cheat Sheet, 2023+). BestAvailableEncryption uses 2,048, which a GPU
+# tries by the million per second. Loading a key of any older setting still works: the
+# rounds are stored in the PKCS#8 envelope.
+CA_KEY_KDF_ROUNDS = 600_000
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
 
@@ -166,13 +176,14 @@ class CertificateAuthority:
 
         key = ec.generate_private_key(ec.SECP256R1())
         certificate = _build_ca_certificate(key, trust_domain)
-        encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(passphrase)
+        key_pem = (
+            encrypt_ca_key(key, passphrase)
             if passphrase
-            else serialization.NoEncryption()
-        )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+            else key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
         )
         created: list[Path] = []
         own_store = store is None
@@ -730,6 +741,72 @@ def _ca_trust_domain(certificate: x509.Certificate) -> str | None:
             except InvalidInputError:
                 return None
     return None
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    length = len(content)
+    if length < 0x80:
+        return bytes([tag, length]) + content
+    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def _der_oid(dotted: str) -> bytes:
+    first, second, *rest = (int(part) for part in dotted.split("."))
+    body = bytearray([40 * first + second])
+    for arc in rest:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body.extend(reversed(chunk))
+    return _der(0x06, bytes(body))
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def encrypt_ca_key(key: _SigningKey, passphrase: bytes) -> bytes:
+    """``key`` as an encrypted PKCS#8 PEM: PBES2, PBKDF2-HMAC-SHA256 at
+    :data:`CA_KEY_KDF_ROUNDS` rounds, AES-256-CBC.
+
+    ``BestAvailableEncryption`` fixes PBKDF2 at 2,048 rounds and the library offers no
+    other setting for PKCS#8, so the (small, standard) envelope is built here. Every
+    PKCS#8 reader, OpenSSL's included, opens it with the passphrase.
+    """
+    plain = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    salt, iv = os.urandom(16), os.urandom(16)
+    derived = PBKDF2HMAC(
+        algorithm=hashes.SHA256(), length=32, salt=salt, iterations=CA_KEY_KDF_ROUNDS
+    ).derive(passphrase)
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(plain) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(derived), modes.CBC(iv)).encryptor()
+    encrypted = encryptor.update(padded) + encryptor.finalize()
+    sequence = 0x30
+    pbkdf2 = _der(
+        sequence,
+        _der_oid("1.2.840.113549.1.5.12")
+        + _der(
+            sequence,
+            _der(0x04, salt)
+            + _der_int(CA_KEY_KDF_ROUNDS)
+            + _der(sequence, _der_oid("1.2.840.113549.2.9") + b"\x05\x00"),  # hmacWithSHA256
+        ),
+    )
+    aes = _der(sequence, _der_oid("2.16.840.1.101.3.4.1.42") + _der(0x04, iv))
+    pbes2 = _der(sequence, _der_oid("1.2.840.113549.1.5.13") + _der(sequence, pbkdf2 + aes))
+    der = _der(sequence, pbes2 + _der(0x04, encrypted))
+    body = base64.encodebytes(der).decode("ascii").replace("\n", "")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    pem = "-----BEGIN ENCRYPTED PRIVATE KEY-----\n" + "\n".join(lines)
+    return (pem + "\n-----END ENCRYPTED PRIVATE KEY-----\n").encode("ascii")
 
 
 def _load_signing_key(key_pem: bytes, passphrase: bytes | None) -> _SigningKey | None:

@@ -205,7 +205,7 @@ def _issue(
 @click.argument("name")
 @click.option("--dns", "dns_names", multiple=True, metavar="H", help="DNS name (repeatable)")
 @click.option("--ip", "ip_addresses", multiple=True, metavar="A", help="IP address (repeatable)")
-@_issue_options(default_days=397)
+@_issue_options(default_days=366)
 def issue_server(
     name: str,
     dns_names: tuple[str, ...],

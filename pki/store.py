@@ -86,13 +86,18 @@ class CertificateRecord:
 class RevocationSource(Protocol):
     """The narrow interface a server needs. Any error raised means "unknown", never "not revoked".
 
-    Read ``revocation_version()`` before ``revoked_serials()``: a revocation landing in
-    between is then seen again at the next poll instead of being missed.
+    Read ``revocation_version()`` before ``revoked_serials()`` (and ``issuance_version()``
+    before ``issued_serials()``): a change landing in between is then seen again at the
+    next poll instead of being missed.
     """
 
     def revocation_version(self) -> int: ...
 
     def revoked_serials(self) -> frozenset[int]: ...
+
+    def issuance_version(self) -> int: ...
+
+    def issued_serials(self) -> frozenset[int]: ...
 
 
 class _UTCDateTime(sa.TypeDecorator[datetime]):
@@ -353,6 +358,19 @@ class CertificateStore:
             rows = connection.execute(
                 sa.select(_certificates.c.serial).where(_certificates.c.revoked_at.is_not(None))
             )
+            return frozenset(int(serial, 16) for serial in rows.scalars())
+
+    def issuance_version(self) -> int:
+        """A number that grows whenever a certificate is recorded (records are never
+        deleted, so their count does); cheap enough to poll with the revocation version."""
+        with _translated_errors(), self._engine.connect() as connection:
+            count = connection.execute(sa.select(sa.func.count()).select_from(_certificates))
+            return int(count.scalar_one())
+
+    def issued_serials(self) -> frozenset[int]:
+        """Every serial this CA recorded, revoked and expired ones included."""
+        with _translated_errors(), self._engine.connect() as connection:
+            rows = connection.execute(sa.select(_certificates.c.serial))
             return frozenset(int(serial, 16) for serial in rows.scalars())
 
     def records(

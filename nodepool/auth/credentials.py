@@ -44,6 +44,8 @@ _DEVICE_ROLES = frozenset({DEVICE_ROLE})
 _INVALID = "invalid or expired credential"
 # Cached users, keys and admissions are re-read at least this often even when no change
 # is announced, so a lost announcement cannot keep a revoked credential alive for long.
+# The bound is on what a call is admitted with, end to end: an admission lasts no longer
+# than the cached user (and key) it was made from, so the caches do not stack.
 _ADMITTED_SECONDS = 10.0
 # Wide enough to cover several missed polls.
 _SESSION_POLL_WINDOW = timedelta(seconds=30)
@@ -70,6 +72,11 @@ class _TtlCache(Generic[K, V]):
         if entry is None or entry[0] < self._clock():
             return False, None
         return True, entry[1]
+
+    def remaining(self, key: K) -> float:
+        """Seconds until ``key``'s entry must be re-read; 0 when there is none."""
+        entry = self._entries.get(key)
+        return 0.0 if entry is None else max(0.0, entry[0] - self._clock())
 
     def put(self, key: K, value: V, loaded_at_generation: int) -> None:
         if loaded_at_generation != self.generation:
@@ -119,6 +126,10 @@ class UserDirectory:
             self._cache.put(username.lower(), user, generation)
         return user
 
+    def fresh_for(self, username: str) -> float:
+        """Seconds the cached entry of ``username`` may still be trusted (0: none)."""
+        return self._cache.remaining(username.lower())
+
     def forget(self, username: str) -> None:
         self._cache.forget(username.lower())
 
@@ -152,6 +163,10 @@ class ApiKeyDirectory:
             record = await self._load(lookup_id)
             self._cache.put(lookup_id, record, generation)
         return record
+
+    def fresh_for(self, lookup_id: str) -> float:
+        """Seconds the cached record of ``lookup_id`` may still be trusted (0: none)."""
+        return self._cache.remaining(lookup_id)
 
     def used(self, lookup_id: str) -> None:
         # Written behind in batches: a key used on every call costs no write per call.
@@ -237,7 +252,9 @@ class CredentialResolver:
         users: UserDirectory,
         api_keys: ApiKeyDirectory,
         events: AuthEvents,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._clock = clock
         self._tokens = tokens
         self._sessions = sessions
         self._users = users
@@ -288,7 +305,7 @@ class CredentialResolver:
         if not self._events.healthy:
             raise UnavailableError("credential status cannot be verified right now")
         admitted = self._admitted.get((credential, peer.serial))
-        if admitted is not None and admitted[1] > time.time():
+        if admitted is not None and admitted[1] > self._clock():
             call.principal = admitted[0]
             if admitted[2] is not None:
                 self._api_keys.used(admitted[2])
@@ -300,6 +317,9 @@ class CredentialResolver:
         except InvalidToken:
             raise UnauthenticatedError(_INVALID) from None
         if claims.session_id in self._sessions:
+            raise UnauthenticatedError(_INVALID)
+        if claims.device != peer.spiffe_id:
+            # Issued through another device's certificate: a copied token.
             raise UnauthenticatedError(_INVALID)
         found, user = self._users.cached(claims.username)
         if found:
@@ -344,6 +364,11 @@ class CredentialResolver:
     ) -> None:
         if user is None or not user.is_active:
             raise UnauthenticatedError(_INVALID)
+        # Measured before anything else can run: the admission may not outlive the
+        # cached facts it was made from.
+        fresh_for = self._users.fresh_for(user.username)
+        if api_key_id is not None:
+            fresh_for = min(fresh_for, self._api_keys.fresh_for(api_key_id))
         roles = user.roles if scopes is None else user.roles & scopes
         principal = Principal(
             peer=call.peer,
@@ -357,7 +382,8 @@ class CredentialResolver:
         if generation is None or generation == self._generation:
             if len(self._admitted) >= _MAX_ADMITTED:
                 self._admitted.clear()
-            valid_until = min(expires_at, time.time() + _ADMITTED_SECONDS)
+            now = self._clock()
+            valid_until = min(expires_at, now + _ADMITTED_SECONDS, now + fresh_for)
             self._admitted[(credential_text, call.peer.serial)] = (
                 principal,
                 valid_until,
@@ -377,6 +403,9 @@ class CredentialResolver:
             or record.revoked_at is not None
             or (record.expires_at is not None and record.expires_at <= datetime.now(UTC))
         ):
+            raise UnauthenticatedError(_INVALID)
+        if record.bound_device is not None and record.bound_device != call.peer.spiffe_id:
+            # A key bound to one device, presented through another certificate.
             raise UnauthenticatedError(_INVALID)
         user = await self._users.get(record.owner)
         self._admit_user(

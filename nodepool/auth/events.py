@@ -61,21 +61,34 @@ class AuthEvents:
             _log.warning("cannot announce a credential change; others will read it later")
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Listens forever, resubscribing (and resyncing) after any failure."""
+        """Listens forever, resubscribing (and resyncing) after any failure.
+
+        An outage is logged once when it starts and once when it ends, not at every retry.
+        """
+        lost = False
         while True:
             try:
                 async with self._cache.subscribe(AUTH_EVENTS_CHANNEL) as messages:
                     for resync in self._resyncs:
                         await resync()
                     self.healthy = True
+                    if lost:
+                        _log.warning("credential change subscription restored")
+                        lost = False
                     if ready is not None:
                         ready.set()
                     async for message in messages:
                         self._handle(message)
             except asyncio.CancelledError:
                 raise
+            except CacheUnavailable:
+                if not lost:
+                    _log.warning("credential change subscription lost; failing closed")
+                lost = True
             except Exception:
-                _log.exception("credential change subscription lost; failing closed")
+                if not lost:
+                    _log.exception("credential change subscription lost; failing closed")
+                lost = True
             self.healthy = False
             await asyncio.sleep(self._retry_after)
 

@@ -20,8 +20,10 @@ __all__ = [
     "COMMON_PASSWORDS",
     "MAX_PASSWORD_LENGTH",
     "MIN_PASSWORD_LENGTH",
+    "RESERVED_SIGNUP_NAMES",
     "RESERVED_USERNAMES",
     "PasswordHasher",
+    "check_signup_username",
     "validate_email",
     "validate_password",
     "validate_username",
@@ -156,6 +158,44 @@ def validate_password(password: str, *, username: str) -> None:
 _USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{2,31}")
 # Names that would read as the system itself in audit logs and messages.
 RESERVED_USERNAMES: Final = frozenset({"root", "system", "nodepool", "anonymous"})
+# Names a remote sign-up may not take: a stranger called "admin" or "security" could pass
+# for staff in messages and audit listings. They stay usable for accounts made on the
+# server host (``nodepool user create-admin admin``). Compared with separators and
+# trailing digits removed, so "adm.in", "Support_" and "root2" are refused too.
+RESERVED_SIGNUP_NAMES: Final = RESERVED_USERNAMES | frozenset(
+    {
+        "admin",
+        "administrator",
+        "admins",
+        "sysadmin",
+        "superuser",
+        "support",
+        "security",
+        "operator",
+        "staff",
+        "moderator",
+        "owner",
+        "hivemind",
+        "postmaster",
+        "hostmaster",
+        "webmaster",
+        "abuse",
+        "noreply",
+        "daemon",
+        "server",
+        "ca",
+        "pki",
+    }
+)
+
+
+def check_signup_username(username: str) -> str:
+    """:func:`validate_username`, and none of :data:`RESERVED_SIGNUP_NAMES`."""
+    normalised = validate_username(username)
+    skeleton = re.sub(r"[0-9]+$", "", re.sub(r"[_.-]", "", normalised))
+    if normalised in RESERVED_SIGNUP_NAMES or skeleton in RESERVED_SIGNUP_NAMES:
+        raise InvalidArgumentError("this username is reserved")
+    return normalised
 
 
 def validate_username(username: str) -> str:

@@ -18,6 +18,14 @@ tokens they signed remain valid until they expire. ``SigningKeys`` itself is imm
 the server watches the directory and hands a new set to ``TokenIssuer.use_keys`` and
 ``TokenVerifier.use_keys`` (``nodepool.server.auth.SigningKeyWatcher``).
 
+Device binding. Every token carries the certificate identity (URI SAN) of the device it
+was issued through, RFC 8705 style, in a confirmation claim: ``"cnf": {"spiffe_id":
+"spiffe://<trust-domain>/client/<name>"}``. RFC 8705 binds to the certificate's
+thumbprint (``x5t#S256``); the URI SAN is bound instead so that a renewed certificate (new
+key, same identity) keeps the session. The verifier returns the bound identity and the
+credential stage compares it with the caller's certificate: a token copied to another
+device is refused. A token without the claim is refused as malformed.
+
 Algorithms are pinned per key: a token is checked only with the algorithm of the key its
 ``kid`` names, so ``alg: none``, HMAC-with-the-public-key and cross-algorithm tricks fail.
 """
@@ -75,7 +83,10 @@ _CURRENT_FILE: Final = "current"
 _KEY_SUFFIX: Final = ".pem"
 _KID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_TIME: Final = 2**53  # exactly representable as a float
-_REQUIRED_CLAIMS: Final = ("iss", "aud", "sub", "sid", "jti", "iat", "nbf", "exp")
+_REQUIRED_CLAIMS: Final = ("iss", "aud", "sub", "sid", "jti", "iat", "nbf", "exp", "cnf")
+# The confirmation member naming the certificate identity a token is bound to.
+_CNF_DEVICE: Final = "spiffe_id"
+_MAX_DEVICE_LENGTH: Final = 512
 
 _PrivateKey: TypeAlias = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey: TypeAlias = Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -355,15 +366,19 @@ class TokenIssuer:
         """Signs with ``keys``' current key from now on (after a rotation)."""
         self._key = keys._signing_key()
 
-    def issue_access(self, username: str, session_id: str) -> IssuedToken:
-        return self._issue(username, session_id, ACCESS_TOKEN_TYPE, self._access_seconds)
+    def issue_access(self, username: str, session_id: str, *, device: str) -> IssuedToken:
+        """An access token usable only through the certificate identity ``device``."""
+        return self._issue(username, session_id, device, ACCESS_TOKEN_TYPE, self._access_seconds)
 
-    def issue_refresh(self, username: str, session_id: str) -> IssuedToken:
-        return self._issue(username, session_id, REFRESH_TOKEN_TYPE, self._refresh_seconds)
+    def issue_refresh(self, username: str, session_id: str, *, device: str) -> IssuedToken:
+        """A refresh token usable only through the certificate identity ``device``."""
+        return self._issue(username, session_id, device, REFRESH_TOKEN_TYPE, self._refresh_seconds)
 
-    def _issue(self, username: str, session_id: str, typ: str, ttl: int) -> IssuedToken:
-        if not username or not session_id:
-            raise ValueError("username and session_id must be non-empty")
+    def _issue(
+        self, username: str, session_id: str, device: str, typ: str, ttl: int
+    ) -> IssuedToken:
+        if not username or not session_id or not device:
+            raise ValueError("username, session_id and device must be non-empty")
         now = int(self._clock())
         jti = secrets.token_hex(16)
         payload = {
@@ -375,6 +390,7 @@ class TokenIssuer:
             "iat": now,
             "nbf": now,
             "exp": now + ttl,
+            "cnf": {_CNF_DEVICE: device},
         }
         token = jwt.encode(
             payload,
@@ -394,6 +410,7 @@ class AccessClaims:
     session_id: str
     jti: str
     expires_at: float  # seconds since the epoch
+    device: str  # the certificate identity (URI SAN) the token is bound to
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +419,7 @@ class RefreshClaims:
     session_id: str
     jti: str
     expires_at: float  # seconds since the epoch
+    device: str  # the certificate identity (URI SAN) the token is bound to
 
 
 def _is_time(value: object) -> bool:
@@ -486,7 +504,13 @@ class TokenVerifier:
             self._cache.pop(token, None)
             raise InvalidToken("expired")
         payload = self._verify(token, ACCESS_TOKEN_TYPE)
-        claims = AccessClaims(payload["sub"], payload["sid"], payload["jti"], float(payload["exp"]))
+        claims = AccessClaims(
+            payload["sub"],
+            payload["sid"],
+            payload["jti"],
+            float(payload["exp"]),
+            payload["cnf"][_CNF_DEVICE],
+        )
         if self._cache_size:
             self._cache[token] = claims
             while len(self._cache) > self._cache_size:
@@ -499,7 +523,13 @@ class TokenVerifier:
     def verify_refresh(self, token: str) -> RefreshClaims:
         # Not cached: a refresh token is presented once, then rotated by the caller.
         payload = self._verify(token, REFRESH_TOKEN_TYPE)
-        return RefreshClaims(payload["sub"], payload["sid"], payload["jti"], float(payload["exp"]))
+        return RefreshClaims(
+            payload["sub"],
+            payload["sid"],
+            payload["jti"],
+            float(payload["exp"]),
+            payload["cnf"][_CNF_DEVICE],
+        )
 
     def cache_len(self) -> int:
         return len(self._cache)
@@ -555,6 +585,10 @@ class TokenVerifier:
             value = payload[name]
             if not isinstance(value, str) or not value:
                 raise InvalidToken("malformed")
+        cnf = payload["cnf"]
+        device = cnf.get(_CNF_DEVICE) if isinstance(cnf, dict) else None
+        if not isinstance(device, str) or not device or len(device) > _MAX_DEVICE_LENGTH:
+            raise InvalidToken("unbound")
         exp, nbf, iat = payload["exp"], payload["nbf"], payload["iat"]
         if not (_is_time(exp) and _is_time(nbf) and _is_time(iat)):
             raise InvalidToken("malformed")

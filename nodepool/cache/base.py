@@ -57,6 +57,13 @@ class Cache(abc.ABC):
         again from 1. Atomic across every instance sharing the cache.
         """
 
+    @abc.abstractmethod
+    async def reset(self, key: str) -> None:
+        """Forget the count of ``key``: the next :meth:`hit` opens a new window at 1.
+
+        Counters live apart from key/value entries: :meth:`delete` does not touch them.
+        """
+
     # -- heartbeat buffer --------------------------------------------------------------
 
     @abc.abstractmethod

@@ -97,6 +97,10 @@ class MemoryCache(Cache):
         entry.value += 1
         return entry.value
 
+    async def reset(self, key: str) -> None:
+        self._check_open()
+        self._entries.pop(f"rl:{key}", None)
+
     # -- heartbeat buffer ---------------------------------------------------------------
 
     async def put_heartbeat(self, node_id: str, payload: bytes) -> None:

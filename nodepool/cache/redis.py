@@ -12,6 +12,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from nodepool.cache.base import Cache, check_ttl
@@ -96,6 +98,10 @@ class RedisCache(Cache):
             socket_timeout=5.0,
             # A dead pub/sub connection is noticed within seconds, not half a minute.
             health_check_interval=2,
+            # After an outage the pooled connections are dead; one immediate retry on a
+            # fresh connection keeps each of them from failing one call after Redis is
+            # back. During the outage a call still fails at once (connection refused).
+            retry=Retry(NoBackoff(), 1),
         )
         return cls(client, namespace=namespace)
 
@@ -138,6 +144,10 @@ class RedisCache(Cache):
         with _translated():
             count = await self._hit(keys=[self._key("rl", key)], args=[window])
         return int(count)
+
+    async def reset(self, key: str) -> None:
+        with _translated():
+            await self._client.delete(self._key("rl", key))
 
     # -- heartbeat buffer ---------------------------------------------------------------
 

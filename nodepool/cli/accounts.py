@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography import x509
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from nodepool.cli.connection import SavedSession, client_options, connect, read_password
 from nodepool.cli.errors import CommandError
+from nodepool.client import ClientConfigError, credential_paths
 from nodepool.domain.accounts import ADMIN, USER, register_account
 from nodepool.errors import NodePoolError
 from nodepool.server.auth import password_hasher
@@ -168,6 +170,11 @@ def user_info(
     type=click.Path(dir_okay=False, path_type=Path),
     help="read the new password from this file",
 )
+@click.option(
+    "--keep-api-keys",
+    is_flag=True,
+    help="keep the account's API keys through a password change (recorded in the audit log)",
+)
 @_password_file
 @client_options
 def user_update(
@@ -175,13 +182,18 @@ def user_update(
     email: str | None,
     change_password: bool,
     new_password_file: Path | None,
+    keep_api_keys: bool,
     password_file: Path | None,
     server: str | None,
     cert: str | None,
     key: str | None,
     ca: str | None,
 ) -> None:
-    """Change the email address or the password (which ends your other sessions)."""
+    """Change the email address or the password.
+
+    A new password ends your other sessions and revokes your API keys unless you pass
+    --keep-api-keys.
+    """
     current = new = ""
     if change_password or new_password_file is not None:
         current = read_password(password_file)
@@ -190,7 +202,7 @@ def user_update(
         else:
             new = click.prompt("New password", hide_input=True, confirmation_prompt=True, err=True)
     request = user_manager_pb2.UpdateUserProfileRequest(
-        username=username, current_password=current, new_password=new
+        username=username, current_password=current, new_password=new, keep_api_keys=keep_api_keys
     )
     if email is not None:
         request.email = email
@@ -230,24 +242,36 @@ def user_revoke_role(
     _change_role(False, username, role, (server, cert, key, ca))
 
 
-def _set_active(username: str, active: bool, options: tuple[Any, ...]) -> None:
+def _set_active(
+    username: str, active: bool, options: tuple[Any, ...], keep_api_keys: bool = False
+) -> None:
     with connect(*options) as conn:
         stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
         conn.call(
             stub.SetUserActive,
-            user_manager_pb2.SetUserActiveRequest(username=username, is_active=active),
+            user_manager_pb2.SetUserActiveRequest(
+                username=username, is_active=active, keep_api_keys=keep_api_keys
+            ),
         )
     click.echo(f"{username} {'activated' if active else 'deactivated'}", err=True)
 
 
 @user.command("deactivate")
 @click.argument("username")
+@click.option(
+    "--keep-api-keys", is_flag=True, help="do not revoke the account's API keys (audited)"
+)
 @client_options
 def user_deactivate(
-    username: str, server: str | None, cert: str | None, key: str | None, ca: str | None
+    username: str,
+    keep_api_keys: bool,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
 ) -> None:
-    """Disable an account and end its sessions (admins only)."""
-    _set_active(username, False, (server, cert, key, ca))
+    """Disable an account, end its sessions and revoke its API keys (admins only)."""
+    _set_active(username, False, (server, cert, key, ca), keep_api_keys)
 
 
 @user.command("activate")
@@ -304,6 +328,17 @@ def apikey() -> None:
 @click.option("--scope", "scopes", multiple=True, type=click.Choice([USER, ADMIN]))
 @click.option("--days", type=click.IntRange(1, 365), default=None, help="lifetime [default 90]")
 @click.option("--owner", default="", help="another user's key (admins only)")
+@click.option(
+    "--bind-device",
+    is_flag=True,
+    help="the key works only through this device's certificate identity",
+)
+@click.option(
+    "--bind-device-id",
+    default="",
+    metavar="SPIFFE_ID",
+    help="the key works only through the client certificate with this identity",
+)
 @_json
 @client_options
 def apikey_create(
@@ -311,19 +346,32 @@ def apikey_create(
     scopes: tuple[str, ...],
     days: int | None,
     owner: str,
+    bind_device: bool,
+    bind_device_id: str,
     as_json: bool,
     server: str | None,
     cert: str | None,
     key: str | None,
     ca: str | None,
 ) -> None:
-    """Create a key. The key is printed this once and never again."""
+    """Create a key. The key is printed this once and never again.
+
+    Without --bind-device or --bind-device-id the key works from any device (for
+    automation that moves between machines); listings mark it "any device".
+    """
+    if bind_device and bind_device_id:
+        raise CommandError("give --bind-device or --bind-device-id, not both")
+    device = _own_device(cert) if bind_device else bind_device_id
     with connect(server, cert, key, ca) as conn:
         stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
         reply = conn.call(
             stub.CreateApiKey,
             user_manager_pb2.CreateApiKeyRequest(
-                name=name, scopes=list(scopes), ttl_days=days or 0, owner=owner
+                name=name,
+                scopes=list(scopes),
+                ttl_days=days or 0,
+                owner=owner,
+                bound_device=device,
             ),
         )
     if as_json:
@@ -334,6 +382,21 @@ def apikey_create(
     )
     click.echo("store this key now; it is not shown again:", err=True)
     click.echo(reply.secret)
+
+
+def _own_device(cert: str | None) -> str:
+    """The URI SAN of the client certificate this command connects with."""
+    try:
+        cert_path = credential_paths(cert=cert, key="-", ca="-")[0]
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+    except (ClientConfigError, OSError, ValueError, x509.ExtensionNotFound):
+        raise CommandError("--bind-device: cannot read this device's certificate") from None
+    spiffe = [uri for uri in uris if uri.startswith("spiffe://")]
+    if len(spiffe) != 1:
+        raise CommandError("--bind-device: this device's certificate has no identity")
+    return spiffe[0]
 
 
 @apikey.command("list")
@@ -352,13 +415,14 @@ def apikey_list(
         return
     _table(
         "API keys",
-        ("key id", "name", "owner", "scopes", "expires", "last used", "revoked"),
+        ("key id", "name", "owner", "scopes", "device", "expires", "last used", "revoked"),
         [
             (
                 k.key_id,
                 k.name,
                 k.owner,
                 ", ".join(k.scopes),
+                k.bound_device or "any device (unbound)",
                 _when(k, "expires_at"),
                 _when(k, "last_used_at"),
                 _when(k, "revoked_at"),

@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn, ParamSpec, TypeVar
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from nodepool.auditnote import audit_note
 from nodepool.auth.apikeys import generate_api_key
 from nodepool.auth.events import AuthEvent, AuthEvents
 from nodepool.auth.passwords import (
     PasswordHasher,
+    check_signup_username,
     validate_email,
     validate_password,
     validate_username,
 )
-from nodepool.auth.principal import Principal
+from nodepool.auth.principal import Credential, Principal
 from nodepool.auth.tokens import InvalidToken, TokenIssuer, TokenVerifier
 from nodepool.cache import Cache
 from nodepool.errors import (
@@ -59,16 +66,34 @@ ACCOUNT_ROLES = frozenset({ADMIN, USER})
 API_KEY_SCOPES = ACCOUNT_ROLES
 
 _LOGIN_FAILED = "invalid username or password"
+_INVALID_CREDENTIAL = "invalid or expired credential"
+_LAST_ADMIN = "the last active administrator cannot be removed"
 _MAX_FIELD = 1024
+# Certificate names as nodepool-pki issues them (pki/identity.py).
+_DEVICE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True, slots=True)
 class LoginPolicy:
+    """Login throttles. A "device" is a client certificate identity (our CA issued it).
+
+    ``max_failures`` failed logins for one account from one device lock that pair for
+    ``lockout``; ``device_max_failures`` failures from one device over any accounts lock
+    the device. Failures for an account from every device together never refuse
+    anyone: past ``max_failures`` they only slow that account's logins down (a pause
+    that doubles up to ``max_slowdown``), so an attacker cannot lock the owner out.
+    """
+
     max_failures: int = 5
     lockout: timedelta = timedelta(minutes=15)
     attempts_per_user_per_minute: int = 10
     attempts_per_peer_per_minute: int = 30
     registrations_per_peer_per_minute: int = 10
+    device_max_failures: int = 50
+    max_slowdown: float = 4.0
+    # How long a refresh retried from the same device (its reply was lost) gets the same
+    # new pair back instead of ending the session as a reused token.
+    refresh_reuse_interval: float = 5.0
     # Password hashes computed at once; keep it below the server's worker threads.
     concurrent_hashes: int = 2
 
@@ -84,6 +109,27 @@ class Session:
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _reuse_slot(token: str) -> str:
+    return "refresh:reuse:" + hashlib.sha256(b"slot\0" + token.encode()).hexdigest()
+
+
+def _reuse_key(token: str) -> bytes:
+    # Domain-separated from the slot name, so the name does not give the key away.
+    return hashlib.sha256(b"key\0" + token.encode()).digest()
+
+
+def _device_identity(actor: Principal, device: str) -> str:
+    """``device`` when it names a client certificate of the caller's trust domain."""
+    domain = actor.peer.spiffe_id.split("/")[2] if actor.peer.spiffe_id.count("/") >= 3 else ""
+    prefix = f"spiffe://{domain}/client/"
+    name = device[len(prefix) :] if device.startswith(prefix) else ""
+    if not domain or not _DEVICE_NAME.fullmatch(name):
+        raise InvalidArgumentError(
+            "bound_device must be the identity of a client certificate from this pool's CA"
+        )
+    return device
 
 
 def _bounded(value: str, field: str, limit: int = _MAX_FIELD) -> str:
@@ -161,6 +207,7 @@ class Accounts:
             self._login.registrations_per_peer_per_minute
         ):
             raise ResourceExhaustedError("too many sign-ups; try again later")
+        check_signup_username(_bounded(username, "username"))
 
         async def hash_password(password: str) -> str:
             return await self._hashing(self._hasher.hash, password)
@@ -173,31 +220,42 @@ class Accounts:
         async with self._hash_slots:
             return await asyncio.to_thread(function, *args, **kwargs)
 
-    async def login(self, username: str, password: str, peer_host: str) -> Session:
+    async def login(self, username: str, password: str, peer_host: str, device: str) -> Session:
+        """``device`` is the caller's certificate identity; the session is bound to it."""
         if not username or not password:
             raise InvalidArgumentError("username and password are required")
         _bounded(username, "username", 64)
         _bounded(password, "password")
-        # Counters and the lock are keyed by the canonical name. A name no account could
+        # Counters and locks are keyed by the canonical name. A name no account could
         # have (outside the username rules, e.g. a long s, U+017F, for an "s", which the
         # database's case folding would match to the plain name) fails under its own key.
         try:
             key: str | None = validate_username(username)
         except InvalidArgumentError:
             key = None
-        counter_key = key or username.casefold()
-        if await self._cache.hit(f"login:peer:{peer_host}", 60) > (
-            self._login.attempts_per_peer_per_minute
-        ):
-            raise ResourceExhaustedError("too many login attempts; try again later")
-        if await self._cache.hit(f"login:user:{counter_key}", 60) > (
-            self._login.attempts_per_user_per_minute
-        ):
-            raise ResourceExhaustedError("too many login attempts; try again later")
-        # The lock is kept in the cache for existing and unknown names alike, so being
-        # locked out says nothing about whether the account exists.
-        if await self._cache.get(f"login:locked:{counter_key}") is not None:
-            raise ResourceExhaustedError("too many failed logins; try again later")
+        account = key or username.casefold()
+        # The audit entry of this call is filed under the account it was aimed at, so an
+        # administrator listing that user's events sees the attacks on it.
+        note = audit_note()
+        note.subject = account
+        policy = self._login
+        await self._throttle(f"login:peer:{peer_host}", policy.attempts_per_peer_per_minute)
+        await self._throttle(f"login:device:{device}", policy.attempts_per_peer_per_minute)
+        await self._throttle(f"login:user:{account}:{device}", policy.attempts_per_user_per_minute)
+        # Locks are per device (for one account, or for all when a device guesses across
+        # many) and kept for existing and unknown names alike, so being locked out says
+        # nothing about whether the account exists. No lock covers a device that has not
+        # failed: the owner's own device always gets to try.
+        for lock in (f"login:locked:{account}:{device}", f"login:device-locked:{device}"):
+            if await self._cache.get(lock) is not None:
+                note.denied = True
+                note.detail["reason"] = "locked"
+                raise ResourceExhaustedError("too many failed logins; try again later")
+        # Failures from every device together only slow the account down.
+        account_failures = await self._cache.get(f"login:account-failures:{account}")
+        excess = int(account_failures or b"0") - policy.max_failures
+        if excess >= 0:
+            await asyncio.sleep(min(policy.max_slowdown, 0.25 * 2 ** min(excess, 16)))
 
         user: UserRecord | None = None
         if key is not None:
@@ -207,34 +265,53 @@ class Accounts:
                 user = None
         if user is None:
             await self._hashing(self._hasher.dummy_verify, password)
-            await self._failed_login(counter_key)
+            await self._failed_login(account, device)
         if not await self._hashing(self._hasher.verify, user.password_hash, password):
-            await self._failed_login(counter_key)
+            await self._failed_login(account, device)
         if not user.is_active:
             # Same answer as a wrong password: a disabled account is not confirmed.
             raise UnauthenticatedError(_LOGIN_FAILED)
 
-        await self._cache.delete(f"login:failures:{key}")
+        # The owner is back on this device: its count starts again. The count for the
+        # account keeps running to its window's end (someone else may still be guessing).
+        await self._cache.reset(f"login:failures:{account}:{device}")
         await self._db(self._store.record_login_success, user.username)
         if self._hasher.needs_rehash(user.password_hash):
             new_hash = await self._hashing(self._hasher.hash, password)
             await self._db(self._store.update_user_fields, user.username, password_hash=new_hash)
-        return await self._new_session(user.username)
+        return await self._new_session(user.username, device)
 
-    async def _failed_login(self, key: str) -> NoReturn:
-        # Failures and the lock live only in the cache, keyed by the name as typed: the
-        # same work and the same answers for existing and unknown names, so neither the
-        # reply nor its timing says which names exist. (With Redis they also outlive a
-        # restart and are shared by every instance.)
-        window = self._login.lockout.total_seconds()
-        failures = await self._cache.hit(f"login:failures:{key}", window)
-        if failures >= self._login.max_failures:
-            await self._cache.set(f"login:locked:{key}", b"1", ttl=window)
+    async def _throttle(self, key: str, per_minute: int) -> None:
+        if await self._cache.hit(key, 60) > per_minute:
+            audit_note().denied = True
+            audit_note().detail["reason"] = "throttled"
+            raise ResourceExhaustedError("too many login attempts; try again later")
+
+    async def _failed_login(self, account: str, device: str) -> NoReturn:
+        # Failures and locks live only in the cache, keyed by the name as typed: the same
+        # work and the same answers for existing and unknown names, so neither the reply
+        # nor its timing says which names exist. (With Redis they also outlive a restart
+        # and are shared by every instance.)
+        policy = self._login
+        window = policy.lockout.total_seconds()
+        if await self._cache.hit(f"login:failures:{account}:{device}", window) >= (
+            policy.max_failures
+        ):
+            await self._cache.set(f"login:locked:{account}:{device}", b"1", ttl=window)
+        if await self._cache.hit(f"login:device-failures:{device}", window) >= (
+            policy.device_max_failures
+        ):
+            await self._cache.set(f"login:device-locked:{device}", b"1", ttl=window)
+        failures = await self._cache.hit(f"login:account-failures:{account}", window)
+        # A plain value beside the counter, so a login can read it without counting.
+        await self._cache.set(
+            f"login:account-failures:{account}", str(failures).encode(), ttl=window
+        )
         raise UnauthenticatedError(_LOGIN_FAILED)
 
-    async def _new_session(self, username: str) -> Session:
+    async def _new_session(self, username: str, device: str) -> Session:
         session_id = secrets.token_hex(16)
-        refresh = self._issuer.issue_refresh(username, session_id)
+        refresh = self._issuer.issue_refresh(username, session_id, device=device)
         await self._db(
             self._store.create_session,
             session_id=session_id,
@@ -242,17 +319,26 @@ class Accounts:
             token_hash=_token_hash(refresh.token),
             expires_at=refresh.expires_at,
         )
-        access = self._issuer.issue_access(username, session_id)
+        access = self._issuer.issue_access(username, session_id, device=device)
         return Session(username, access.token, access.expires_at, refresh.token, refresh.expires_at)
 
     # -- sessions -----------------------------------------------------------------------
 
-    async def refresh(self, refresh_token: str) -> Session:
+    async def refresh(self, refresh_token: str, device: str) -> Session:
+        """A new pair for a refresh token presented through its own device, once.
+
+        Presented through another device, or again after the reuse interval, the token
+        was copied: the whole session ends. Again within the interval and from the same
+        device, the caller lost our reply and gets the same new pair back.
+        """
         try:
             claims = self._verifier.verify_refresh(_bounded(refresh_token, "refresh_token", 8192))
         except InvalidToken:
-            raise UnauthenticatedError("invalid or expired credential") from None
-        refresh = self._issuer.issue_refresh(claims.username, claims.session_id)
+            raise UnauthenticatedError(_INVALID_CREDENTIAL) from None
+        if claims.device != device:
+            await self._end_session(claims.session_id, "refresh token used by another device")
+            raise UnauthenticatedError(_INVALID_CREDENTIAL)
+        refresh = self._issuer.issue_refresh(claims.username, claims.session_id, device=device)
         try:
             await self._db(
                 self._store.rotate_session,
@@ -262,16 +348,61 @@ class Accounts:
                 expires_at=refresh.expires_at,
             )
         except Conflict:
+            retried = await self._rotation_replay(refresh_token, device)
+            if retried is not None:
+                return retried
             # A refresh token works once. Seeing one again means it was copied: end the
             # whole session so neither the thief nor the owner can go on with it.
             await self._end_session(claims.session_id, "refresh token reused")
-            raise UnauthenticatedError("invalid or expired credential") from None
+            raise UnauthenticatedError(_INVALID_CREDENTIAL) from None
         except NotFound:
-            raise UnauthenticatedError("invalid or expired credential") from None
+            raise UnauthenticatedError(_INVALID_CREDENTIAL) from None
         user = await self._active_user(claims.username)
-        access = self._issuer.issue_access(user.username, claims.session_id)
-        return Session(
+        access = self._issuer.issue_access(user.username, claims.session_id, device=device)
+        session = Session(
             user.username, access.token, access.expires_at, refresh.token, refresh.expires_at
+        )
+        await self._remember_rotation(refresh_token, device, session)
+        return session
+
+    async def _remember_rotation(self, old_token: str, device: str, session: Session) -> None:
+        """Keeps the new pair for the reuse interval, readable only with the old token.
+
+        The cache holds it encrypted (AES-GCM) under a key derived from the old refresh
+        token, which the cache never sees, and bound to the device as associated data:
+        reading the cache gives no usable token, and another device cannot replay it.
+        """
+        interval = self._login.refresh_reuse_interval
+        if interval <= 0:
+            return
+        plain = json.dumps(
+            [
+                session.username,
+                session.access_token,
+                session.access_expires_at.timestamp(),
+                session.refresh_token,
+                session.refresh_expires_at.timestamp(),
+            ]
+        ).encode()
+        nonce = secrets.token_bytes(12)
+        sealed = AESGCM(_reuse_key(old_token)).encrypt(nonce, plain, device.encode())
+        await self._cache.set(_reuse_slot(old_token), nonce + sealed, ttl=interval)
+
+    async def _rotation_replay(self, old_token: str, device: str) -> Session | None:
+        sealed = await self._cache.get(_reuse_slot(old_token))
+        if sealed is None:
+            return None
+        try:
+            plain = AESGCM(_reuse_key(old_token)).decrypt(sealed[:12], sealed[12:], device.encode())
+            username, access, access_exp, refresh, refresh_exp = json.loads(plain)
+        except (InvalidTag, ValueError, TypeError):
+            return None
+        return Session(
+            username,
+            access,
+            datetime.fromtimestamp(access_exp, tz=UTC),
+            refresh,
+            datetime.fromtimestamp(refresh_exp, tz=UTC),
         )
 
     async def logout(self, actor: Principal) -> None:
@@ -334,6 +465,7 @@ class Accounts:
         email: str | None,
         current_password: str,
         new_password: str,
+        keep_api_keys: bool = False,
     ) -> UserRecord:
         target = self._target(actor, username)
         user = await self.get_user(actor, target)
@@ -358,7 +490,23 @@ class Accounts:
         if new_password:
             keep = actor.session_id if target == actor.username else None
             await self._end_sessions_of(user.username, "password changed", keep)
+            await self._end_api_keys_of(user.username, keep_api_keys)
         return updated
+
+    async def _end_api_keys_of(self, username: str, keep: bool) -> None:
+        """Revokes a user's API keys after a password change or a deactivation.
+
+        Keys made while an attacker held the password would survive the change; unless
+        told to keep them, they go. Keeping them is noted in the call's audit entry.
+        """
+        if keep:
+            audit_note().detail["api_keys"] = "kept"
+            return
+        revoked = await self._db(self._store.revoke_api_keys_of_user, username)
+        for lookup_id in revoked:
+            await self._events.publish(AuthEvent.API_KEY_REVOKED, lookup_id)
+        if revoked:
+            audit_note().detail["api_keys"] = f"revoked {len(revoked)}"
 
     # -- roles and activation (administrators) ---------------------------------------------
 
@@ -375,12 +523,14 @@ class Accounts:
         role = self._grantable(actor, role)
         username = _bounded(username, "username", 64)
         try:
-            user = await self._db(self._store.remove_role, username, role)
+            # One transaction that counts the administrators left under a lock.
+            user = await self._db(
+                self._store.remove_role, username, role, keep_an_admin=role == ADMIN
+            )
         except NotFound:
             raise NotFoundError("no such user") from None
-        if role == ADMIN and not await self._an_admin_remains():
-            await self._db(self._store.add_role, username, ADMIN)
-            raise FailedPreconditionError("the last active administrator cannot be removed")
+        except Conflict:
+            raise FailedPreconditionError(_LAST_ADMIN) from None
         await self._events.publish(AuthEvent.USER_CHANGED, user.username)
         return user
 
@@ -391,36 +541,27 @@ class Accounts:
             raise PermissionDeniedError("you cannot grant or revoke a role you do not hold")
         return role
 
-    async def _an_admin_remains(self) -> bool:
-        # Checked after the change, which is undone when none remains: two administrators
-        # demoting each other at once both see none left and both undo, so the race can
-        # only ever keep an administrator, never lose the last one.
-        return any(ADMIN in u.roles and u.is_active for u in await self._all_users())
-
-    async def _all_users(self) -> list[UserRecord]:
-        users: list[UserRecord] = []
-        cursor: str | None = None
-        while True:
-            page = await self._db(self._store.list_users, limit=500, cursor=cursor)
-            users.extend(page.items)
-            if page.next_cursor is None:
-                return users
-            cursor = page.next_cursor
-
-    async def set_active(self, actor: Principal, username: str, active: bool) -> UserRecord:
+    async def set_active(
+        self, actor: Principal, username: str, active: bool, *, keep_api_keys: bool = False
+    ) -> UserRecord:
         assert actor.username is not None
         username = _bounded(username, "username", 64)
         if not active and username.casefold() == actor.username.casefold():
             raise FailedPreconditionError("you cannot deactivate your own account")
         try:
-            user = await self._db(self._store.update_user_fields, username, is_active=active)
+            user = await self._db(
+                self._store.update_user_fields,
+                username,
+                is_active=active,
+                keep_an_admin=not active,
+            )
         except NotFound:
             raise NotFoundError("no such user") from None
-        if not active and not await self._an_admin_remains():
-            await self._db(self._store.update_user_fields, username, is_active=True)
-            raise FailedPreconditionError("the last active administrator cannot be removed")
+        except Conflict:
+            raise FailedPreconditionError(_LAST_ADMIN) from None
         if not active:
             await self._end_sessions_of(user.username, "account deactivated")
+            await self._end_api_keys_of(user.username, keep_api_keys)
         await self._events.publish(AuthEvent.USER_CHANGED, user.username)
         return user
 
@@ -434,7 +575,13 @@ class Accounts:
         name: str,
         scopes: Sequence[str],
         ttl_days: int,
+        bound_device: str = "",
     ) -> tuple[ApiKeyRecord, str]:
+        # Only a person in an interactive session makes keys. A key that could mint keys
+        # would let a short-lived or soon-revoked key outlive itself in a longer one.
+        if actor.credential is not Credential.ACCESS_TOKEN:
+            raise PermissionDeniedError("creating an API key needs a login session")
+        device = _device_identity(actor, bound_device) if bound_device else None
         target = self._target(actor, owner)
         user = await self.get_user(actor, target)
         wanted = frozenset(scopes) or frozenset({USER})
@@ -457,6 +604,7 @@ class Accounts:
             name=_bounded(name, "name", 128),
             scopes=sorted(wanted),
             expires_at=datetime.now(UTC) + ttl,
+            bound_device=device,
         )
         return record, generated.key
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from nodepool.auth.authorization import Authorizer, default_policy_dir
@@ -25,6 +25,7 @@ from nodepool.domain.nodes import NodeLimits, NodeRegistry
 from nodepool.domain.tasks import DeliveryHub, Scheduler, TaskLimits, TaskService, retention_cutoff
 from nodepool.server.audit import AuditTrail
 from nodepool.server.auth import build_auth
+from nodepool.server.health import HealthService
 from nodepool.server.methods import HEALTH_SERVICE, METHOD_RULES
 from nodepool.server.pipeline import (
     CallPipeline,
@@ -100,8 +101,7 @@ class NodePoolServer:
         self._poll_executor: ThreadPoolExecutor | None = None
         self._calls: StoreCalls | None = None
         self._audit: AuditTrail | None = None
-        # grpc_health exports its asyncio servicer as health.aio; the stubs predate it.
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health = HealthService()  # Check, Watch and List
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
 

@@ -165,6 +165,7 @@ def build_auth(
             attempts_per_user_per_minute=settings.login_attempts_per_user_per_minute,
             attempts_per_peer_per_minute=settings.login_attempts_per_peer_per_minute,
             registrations_per_peer_per_minute=settings.registrations_per_peer_per_minute,
+            refresh_reuse_interval=settings.refresh_reuse_seconds,
         ),
     )
     watcher = SigningKeyWatcher(settings.jwt_keys, issuer, verifier)

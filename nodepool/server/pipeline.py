@@ -28,6 +28,7 @@ from nodepool.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from nodepool.server.inputs import check_request_strings
 from nodepool.status import status_for
 
 __all__ = [
@@ -97,9 +98,9 @@ def identity_stage(certificates: PeerCertificateCache) -> Stage:
 
 
 def revocation_stage(revocations: RevocationList) -> Stage:
-    def check_revocation(call: Call) -> None:
+    def check_revocation(call: Call) -> Awaitable[None] | None:
         assert call.peer is not None
-        revocations.check(call.peer.serial)
+        return revocations.check(call.peer.serial)
 
     return check_revocation
 
@@ -187,6 +188,7 @@ class CallPipeline:
                         pending = stage(call)
                         if pending is not None:
                             await pending
+                    check_request_strings(request)  # one input rule for every backend
                 except NodePoolError as error:
                     await refuse(call, error)
                 except Exception:
@@ -218,6 +220,7 @@ class CallPipeline:
                     pending = stage(call)
                     if pending is not None:
                         await pending
+                check_request_strings(request)  # one input rule for every backend
             except NodePoolError as error:
                 await refuse(call, error)
             except Exception:

@@ -41,4 +41,5 @@ def api_key_message(key: ApiKeyRecord) -> user_pb.ApiKey:
         expires_at=timestamp(key.expires_at),
         last_used_at=timestamp(key.last_used_at),
         revoked_at=timestamp(key.revoked_at),
+        bound_device=key.bound_device or "",
     )

@@ -54,7 +54,10 @@ class UserManagerServicer(pb_grpc.UserManagerServicer):
     ) -> pb.LoginUserResponse:
         async with translate_errors(context):
             session = await self._accounts.login(
-                request.username, request.password, _peer_host(context)
+                request.username,
+                request.password,
+                _peer_host(context),
+                current_principal().peer.spiffe_id,
             )
         return _session_message(session)
 
@@ -62,7 +65,9 @@ class UserManagerServicer(pb_grpc.UserManagerServicer):
         self, request: pb.RefreshTokenRequest, context: _Context
     ) -> pb.LoginUserResponse:
         async with translate_errors(context):
-            session = await self._accounts.refresh(request.refresh_token)
+            session = await self._accounts.refresh(
+                request.refresh_token, current_principal().peer.spiffe_id
+            )
         return _session_message(session)
 
     async def LogoutUser(
@@ -82,6 +87,7 @@ class UserManagerServicer(pb_grpc.UserManagerServicer):
                 email=request.email if request.HasField("email") else None,
                 current_password=request.current_password,
                 new_password=request.new_password,
+                keep_api_keys=request.keep_api_keys,
             )
         return pb.UpdateUserProfileResponse(
             success=True, message="updated", user=user_message(user)
@@ -104,6 +110,7 @@ class UserManagerServicer(pb_grpc.UserManagerServicer):
                 name=request.name,
                 scopes=list(request.scopes),
                 ttl_days=request.ttl_days,
+                bound_device=request.bound_device,
             )
         return pb.CreateApiKeyResponse(api_key=api_key_message(record), secret=secret)
 
@@ -144,6 +151,9 @@ class UserManagerServicer(pb_grpc.UserManagerServicer):
     ) -> pb.SetUserActiveResponse:
         async with translate_errors(context):
             user = await self._accounts.set_active(
-                current_principal(), request.username, request.is_active
+                current_principal(),
+                request.username,
+                request.is_active,
+                keep_api_keys=request.keep_api_keys,
             )
         return pb.SetUserActiveResponse(user=user_message(user))

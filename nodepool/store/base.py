@@ -255,6 +255,8 @@ class ApiKeyRecord:
     expires_at: datetime | None
     last_used_at: datetime | None
     revoked_at: datetime | None
+    # The certificate identity (URI SAN) the key works through; None: any device.
+    bound_device: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,11 +325,14 @@ class UserStore(abc.ABC):
         email: str | Unset | None = UNSET,
         password_hash: str | Unset = UNSET,
         is_active: bool | Unset = UNSET,
+        keep_an_admin: bool = False,
     ) -> UserRecord:
         """Change the given fields, leave the :data:`UNSET` ones; bumps ``updated_at``.
 
         A new ``password_hash`` also sets ``password_changed_at``. :class:`NotFound` for an
-        unknown user.
+        unknown user. With ``keep_an_admin``, :class:`Conflict` (and nothing changed) when
+        the change would leave no active administrator; the count is taken under a lock
+        in the same transaction, so two concurrent changes cannot both pass it.
         """
 
     @abc.abstractmethod
@@ -339,8 +344,11 @@ class UserStore(abc.ABC):
         """Grant ``role``; granting a role already held is a no-op."""
 
     @abc.abstractmethod
-    def remove_role(self, username: str, role: str) -> UserRecord:
-        """Withdraw ``role``; withdrawing a role not held is a no-op."""
+    def remove_role(self, username: str, role: str, *, keep_an_admin: bool = False) -> UserRecord:
+        """Withdraw ``role``; withdrawing a role not held is a no-op.
+
+        ``keep_an_admin`` as for :meth:`update_user_fields`.
+        """
 
     @abc.abstractmethod
     def record_login_success(self, username: str) -> UserRecord:
@@ -372,8 +380,11 @@ class UserStore(abc.ABC):
         name: str,
         scopes: Iterable[str],
         expires_at: datetime | None = None,
+        bound_device: str | None = None,
     ) -> ApiKeyRecord:
         """Store a key's public lookup id and secret hash (never the secret).
+
+        ``bound_device``: the certificate identity the key is restricted to (None: any).
 
         :class:`AlreadyExists` for a reused ``lookup_id``; :class:`NotFound` for an unknown
         owner; :class:`InvalidArgument` for a scope outside :data:`ROLES`.
@@ -391,6 +402,10 @@ class UserStore(abc.ABC):
     @abc.abstractmethod
     def revoke_api_key(self, lookup_id: str, *, owner: str | None = None) -> ApiKeyRecord:
         """Set ``revoked_at`` (idempotent: the first revocation time is kept)."""
+
+    @abc.abstractmethod
+    def revoke_api_keys_of_user(self, owner: str) -> list[str]:
+        """Revoke every unrevoked key of ``owner``; returns their lookup ids, sorted."""
 
     @abc.abstractmethod
     def touch_api_key_last_used(self, lookup_id: str, at: datetime | None = None) -> None:

@@ -12,9 +12,11 @@ from sqlalchemy import (
     and_,
     case,
     delete,
+    func,
     insert,
     or_,
     select,
+    text,
     update,
 )
 
@@ -46,6 +48,8 @@ from nodepool.store.sqlbase import (
 
 __all__ = ["SqlUserStore"]
 
+_ADMIN = "admin"
+
 _USER_COLUMNS = (
     User.id,
     User.username,
@@ -72,7 +76,12 @@ _API_KEY_COLUMNS = (
     ApiKey.expires_at,
     ApiKey.last_used_at,
     ApiKey.revoked_at,
+    ApiKey.bound_device,
 )
+
+# Any fixed number: the PostgreSQL advisory lock that serializes "is an administrator
+# left?" checks. SQLite needs none: its write transactions are already serial.
+_ADMIN_COUNT_LOCK = 0x6E70_6164  # "npad"
 
 _SESSION_COLUMNS = (
     RefreshSession.id,
@@ -175,6 +184,7 @@ class SqlUserStore(SqlBase, UserStore):
         email: str | Unset | None = UNSET,
         password_hash: str | Unset = UNSET,
         is_active: bool | Unset = UNSET,
+        keep_an_admin: bool = False,
     ) -> UserRecord:
         now = self._now()
         values: dict[str, Any] = {"updated_at": now}
@@ -187,14 +197,48 @@ class SqlUserStore(SqlBase, UserStore):
             values["is_active"] = is_active
         where = User.username_canonical == canonical_username(username)
         with self._write() as conn:
+            if keep_an_admin:
+                self._lock_admin_count(conn)
             if conn.execute(update(User).where(where).values(**values)).rowcount == 0:
                 raise NotFound("no such user")
+            if keep_an_admin:
+                self._check_an_admin_remains(conn)
             return self._load_user(conn, where)
 
+    def _lock_admin_count(self, conn: Connection) -> None:
+        """Serializes every change that must keep an administrator, until commit.
+
+        Without it two transactions demoting two administrators at once would each count
+        the other as still there (neither sees the other's uncommitted change) and both
+        commit, leaving none. Taken before the change; the count follows the change in
+        a new statement, which under READ COMMITTED sees every earlier commit.
+        """
+        if not self._sqlite:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADMIN_COUNT_LOCK})
+
+    @staticmethod
+    def _check_an_admin_remains(conn: Connection) -> None:
+        remaining = conn.scalar(
+            select(func.count())
+            .select_from(User)
+            .join(UserRole, UserRole.user_id == User.id)
+            .where(UserRole.role == _ADMIN, User.is_active)
+        )
+        if not remaining:
+            # Raised inside the transaction: the change is rolled back.
+            raise Conflict("the last active administrator cannot be removed")
+
     def _change_roles(
-        self, username: str, add: frozenset[str], remove: frozenset[str], replace: bool
+        self,
+        username: str,
+        add: frozenset[str],
+        remove: frozenset[str],
+        replace: bool,
+        keep_an_admin: bool = False,
     ) -> UserRecord:
         with self._write() as conn:
+            if keep_an_admin:
+                self._lock_admin_count(conn)
             user_id = self._user_id(conn, username, lock=True)
             held = set(conn.scalars(select(UserRole.role).where(UserRole.user_id == user_id)))
             target = set(add) if replace else (held | add) - remove
@@ -209,6 +253,8 @@ class SqlUserStore(SqlBase, UserStore):
                     insert(UserRole), [{"user_id": user_id, "role": r} for r in target - held]
                 )
             conn.execute(update(User).where(User.id == user_id).values(updated_at=self._now()))
+            if keep_an_admin:
+                self._check_an_admin_remains(conn)
             return self._load_user(conn, User.id == user_id)
 
     def set_roles(self, username: str, roles: Iterable[str]) -> UserRecord:
@@ -217,8 +263,10 @@ class SqlUserStore(SqlBase, UserStore):
     def add_role(self, username: str, role: str) -> UserRecord:
         return self._change_roles(username, check_roles([role]), frozenset(), replace=False)
 
-    def remove_role(self, username: str, role: str) -> UserRecord:
-        return self._change_roles(username, frozenset(), check_roles([role]), replace=False)
+    def remove_role(self, username: str, role: str, *, keep_an_admin: bool = False) -> UserRecord:
+        return self._change_roles(
+            username, frozenset(), check_roles([role]), replace=False, keep_an_admin=keep_an_admin
+        )
 
     def record_login_success(self, username: str) -> UserRecord:
         where = User.username_canonical == canonical_username(username)
@@ -292,6 +340,7 @@ class SqlUserStore(SqlBase, UserStore):
         name: str,
         scopes: Iterable[str],
         expires_at: datetime | None = None,
+        bound_device: str | None = None,
     ) -> ApiKeyRecord:
         wanted = sorted(check_roles(scopes))
         with self._write() as conn:
@@ -305,6 +354,7 @@ class SqlUserStore(SqlBase, UserStore):
                     scopes=wanted,
                     created_at=self._now(),
                     expires_at=expires_at,
+                    bound_device=bound_device,
                 )
             )
             return self._load_api_key(conn, lookup_id)
@@ -335,6 +385,16 @@ class SqlUserStore(SqlBase, UserStore):
                 .values(revoked_at=self._now())
             )
             return self._load_api_key(conn, lookup_id)
+
+    def revoke_api_keys_of_user(self, owner: str) -> list[str]:
+        with self._write() as conn:
+            rows = conn.execute(
+                update(ApiKey)
+                .where(self._owner_filter(ApiKey.user_id, owner), ApiKey.revoked_at.is_(None))
+                .values(revoked_at=self._now())
+                .returning(ApiKey.lookup_id)
+            ).all()
+        return sorted(row[0] for row in rows)
 
     def touch_api_key_last_used(self, lookup_id: str, at: datetime | None = None) -> None:
         when = at or self._now()

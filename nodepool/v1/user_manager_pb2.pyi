@@ -176,12 +176,17 @@ class UpdateUserProfileRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     CURRENT_PASSWORD_FIELD_NUMBER: _builtins.int
     NEW_PASSWORD_FIELD_NUMBER: _builtins.int
+    KEEP_API_KEYS_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """Empty means the caller; only an admin may name another user."""
     email: _builtins.str
     current_password: _builtins.str
     """Required when new_password is set."""
     new_password: _builtins.str
+    keep_api_keys: _builtins.bool
+    """A new password revokes the user's API keys (they may have leaked with the old
+    password) unless this is set; keeping them is recorded in the audit log.
+    """
     def __init__(
         self,
         *,
@@ -189,10 +194,11 @@ class UpdateUserProfileRequest(_message.Message):
         email: _builtins.str | None = ...,
         current_password: _builtins.str = ...,
         new_password: _builtins.str = ...,
+        keep_api_keys: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "email", b"email"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "current_password", b"current_password", "email", b"email", "new_password", b"new_password", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "current_password", b"current_password", "email", b"email", "keep_api_keys", b"keep_api_keys", "new_password", b"new_password", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__email: _TypeAlias = _typing.Literal["email"]  # noqa: Y015
     _WhichOneofArgType__email: _TypeAlias = _typing.Literal["_email", b"_email"]  # noqa: Y015
@@ -334,10 +340,13 @@ class ApiKey(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
+    BOUND_DEVICE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The public part of the key, shown in listings; never the secret."""
     name: _builtins.str
     owner: _builtins.str
+    bound_device: _builtins.str
+    """The certificate identity (spiffe://...) the key works through; empty: any device."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -359,10 +368,11 @@ class ApiKey(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_at: _timestamp_pb2.Timestamp | None = ...,
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        bound_device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_used_at", b"last_used_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "last_used_at", b"last_used_at", "name", b"name", "owner", b"owner", "revoked_at", b"revoked_at", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound_device", b"bound_device", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "last_used_at", b"last_used_at", "name", b"name", "owner", b"owner", "revoked_at", b"revoked_at", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,11 +386,16 @@ class CreateApiKeyRequest(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     TTL_DAYS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    BOUND_DEVICE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ttl_days: _builtins.int
     """0 means the server default."""
     owner: _builtins.str
     """Only an admin may create a key for someone else."""
+    bound_device: _builtins.str
+    """When set, the key works only through the client certificate with this identity
+    (spiffe://<trust-domain>/client/<name>). Empty: any of the owner's devices.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Roles the key may use; each must be one the owner holds. Empty means ["user"]."""
@@ -392,10 +407,11 @@ class CreateApiKeyRequest(_message.Message):
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         ttl_days: _builtins.int = ...,
         owner: _builtins.str = ...,
+        bound_device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "owner", b"owner", "scopes", b"scopes", "ttl_days", b"ttl_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound_device", b"bound_device", "name", b"name", "owner", b"owner", "scopes", b"scopes", "ttl_days", b"ttl_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -552,17 +568,21 @@ class SetUserActiveRequest(_message.Message):
 
     USERNAME_FIELD_NUMBER: _builtins.int
     IS_ACTIVE_FIELD_NUMBER: _builtins.int
+    KEEP_API_KEYS_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     is_active: _builtins.bool
+    keep_api_keys: _builtins.bool
+    """Deactivating revokes the user's API keys unless this is set (audited)."""
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         is_active: _builtins.bool = ...,
+        keep_api_keys: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_active", b"is_active", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_active", b"is_active", "keep_api_keys", b"keep_api_keys", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

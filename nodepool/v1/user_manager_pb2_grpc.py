@@ -141,7 +141,8 @@ class UserManagerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateApiKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Needs an interactive session (an access token): an API key cannot create keys.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -44,6 +44,7 @@ class UserManagerStub:
     LogoutUser: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.LogoutUserRequest, _user_manager_pb2.LogoutUserResponse]
     """Ends the caller's session on every server instance."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.CreateApiKeyRequest, _user_manager_pb2.CreateApiKeyResponse]
+    """Needs an interactive session (an access token): an API key cannot create keys."""
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.ListApiKeysRequest, _user_manager_pb2.ListApiKeysResponse]
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.RevokeApiKeyRequest, _user_manager_pb2.RevokeApiKeyResponse]
     GrantRole: _grpc.UnaryUnaryMultiCallable[_user_manager_pb2.ChangeRoleRequest, _user_manager_pb2.ChangeRoleResponse]
@@ -67,6 +68,7 @@ class UserManagerAsyncStub(UserManagerStub):
     LogoutUser: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.LogoutUserRequest, _user_manager_pb2.LogoutUserResponse]  # type: ignore[assignment]
     """Ends the caller's session on every server instance."""
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.CreateApiKeyRequest, _user_manager_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """Needs an interactive session (an access token): an API key cannot create keys."""
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.ListApiKeysRequest, _user_manager_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.RevokeApiKeyRequest, _user_manager_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     GrantRole: _aio.UnaryUnaryMultiCallable[_user_manager_pb2.ChangeRoleRequest, _user_manager_pb2.ChangeRoleResponse]  # type: ignore[assignment]
@@ -128,7 +130,8 @@ class UserManagerServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _user_manager_pb2.CreateApiKeyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_user_manager_pb2.CreateApiKeyResponse, _abc.Awaitable[_user_manager_pb2.CreateApiKeyResponse]]: ...
+    ) -> _typing.Union[_user_manager_pb2.CreateApiKeyResponse, _abc.Awaitable[_user_manager_pb2.CreateApiKeyResponse]]:
+        """Needs an interactive session (an access token): an API key cannot create keys."""
 
     @_abc_1.abstractmethod
     def ListApiKeys(

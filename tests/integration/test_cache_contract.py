@@ -85,6 +85,20 @@ async def test_hit_is_atomic_across_instances(cache: Cache, cache_peer: Cache) -
     assert sorted(counts) == list(range(1, 51))
 
 
+async def test_reset_forgets_a_count_and_only_that(cache: Cache) -> None:
+    for _ in range(3):
+        await cache.hit("failures:carol", 60)
+    await cache.set("failures:carol", b"kept")
+    # delete() is for key/value entries: it leaves the counter alone.
+    await cache.delete("failures:carol")
+    assert await cache.hit("failures:carol", 60) == 4
+    await cache.set("failures:carol", b"kept")
+    await cache.reset("failures:carol")
+    await cache.reset("failures:nobody")
+    assert await cache.hit("failures:carol", 60) == 1
+    assert await cache.get("failures:carol") == b"kept"
+
+
 # -- heartbeats --------------------------------------------------------------------------
 
 

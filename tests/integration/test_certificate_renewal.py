@@ -54,12 +54,16 @@ def test_renewal_keeps_identity_with_a_new_key(
     tmp_path: Path,
     kind: str,
 ) -> None:
-    files = _issue(pki_ca, tmp_path, kind, f"renew-{kind}")
+    issued = pki_ca.issue(
+        kind, f"renew-{kind}", tmp_path, owner="alice" if kind == "node" else None
+    )
+    files = CertificateFiles(issued.cert_path, issued.key_path, issued.ca_path)
     old = files.load()
     old_key = files.key.read_bytes()
-    # A client certificate renews only with its user's credential; a node's is its own.
+    # A client certificate renews only with its user's credential, a session opened
+    # through that very device (tokens are bound to it); a node's is its own.
     metadata = (
-        bearer(sign_up(mtls_server, client_cert, "renewing-user").access_token)
+        bearer(sign_up(mtls_server, issued, "renewing-user").access_token)
         if kind == "client"
         else ()
     )

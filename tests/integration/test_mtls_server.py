@@ -39,6 +39,16 @@ def test_health_answers_serving_over_mtls(mtls_server: ServerThread, client_cert
         assert service.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_list_answers_every_service(mtls_server: ServerThread, client_cert: Any) -> None:
+    # The method is allowed and advertised; it used to raise NotImplementedError.
+    with _channel(mtls_server, client_cert) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=10)
+    assert reply.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        reply.statuses["nodepool.v1.UserManager"].status == health_pb2.HealthCheckResponse.SERVING
+    )
+
+
 def test_reflection_lists_the_three_services(mtls_server: ServerThread, node_cert: Any) -> None:
     with _channel(mtls_server, node_cert) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)

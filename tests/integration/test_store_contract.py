@@ -223,6 +223,53 @@ def test_concurrent_login_failures_are_all_counted(store: Store, store_url: str)
     assert store.get_user("grace").failed_logins == 20
 
 
+def test_the_last_active_admin_is_kept(store: Store) -> None:
+    store.create_user("ada", "h", roles=["user", "admin"])
+    store.create_user("ben", "h", roles=["user", "admin"])
+    store.remove_role("ben", "admin", keep_an_admin=True)
+    with pytest.raises(Conflict):
+        store.remove_role("ada", "admin", keep_an_admin=True)
+    with pytest.raises(Conflict):
+        store.update_user_fields("ada", is_active=False, keep_an_admin=True)
+    # Nothing changed by the refused transactions.
+    ada = store.get_user("ada")
+    assert ("admin" in ada.roles, ada.is_active) == (True, True)
+    # Without the flag the store does as told (the domain always passes it).
+    store.update_user_fields("ada", is_active=False)
+    assert not store.get_user("ada").is_active
+
+
+def test_two_admins_demoting_each_other_at_once_keep_one(store: Store, store_url: str) -> None:
+    """The count is taken under a lock: two concurrent demotions cannot both pass it."""
+    stores = [SqlStore(create_engine_for(store_url)) for _ in range(2)]
+    try:
+        for round_ in range(4):
+            names = [f"adm{round_}a", f"adm{round_}b"]
+            for name in names:
+                store.create_user(name, "h", roles=["admin"])
+            # Only these two are administrators now.
+            for other in {u.username for u in store.list_users(limit=500).items} - set(names):
+                store.remove_role(other, "admin")
+            barrier = threading.Barrier(2)
+
+            def demote(pair: tuple[SqlStore, str], barrier: threading.Barrier = barrier) -> bool:
+                own, name = pair
+                barrier.wait()
+                try:
+                    own.remove_role(name, "admin", keep_an_admin=True)
+                except Conflict:
+                    return False
+                return True
+
+            with ThreadPoolExecutor(2) as pool:
+                outcomes = list(pool.map(demote, zip(stores, names, strict=True)))
+            assert sorted(outcomes) == [False, True]
+            assert sum("admin" in store.get_user(n).roles for n in names) == 1
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_list_users_pages(store: Store) -> None:
     names = [f"user{i:02d}" for i in range(7)]
     for name in names:
@@ -767,6 +814,32 @@ def test_api_keys(timed: SqlStore, clock: FakeClock, alice: str, bob: str) -> No
         timed.get_api_key_by_lookup_id("np_missing")
     with pytest.raises(NotFound):
         timed.revoke_api_key("np_missing")
+
+
+def test_api_keys_bound_to_a_device(store: Store, alice: str) -> None:
+    device = "spiffe://nodepool.test/client/alice-laptop"
+    bound = store.create_api_key(
+        owner=alice, lookup_id="np_bound", secret_hash="h", name="b", scopes=[], bound_device=device
+    )
+    free = store.create_api_key(
+        owner=alice, lookup_id="np_free", secret_hash="h", name="f", scopes=[]
+    )
+    assert (bound.bound_device, free.bound_device) == (device, None)
+    assert store.get_api_key_by_lookup_id("np_bound").bound_device == device
+    assert {k.lookup_id: k.bound_device for k in store.list_api_keys(alice)} == {
+        "np_bound": device,
+        "np_free": None,
+    }
+
+
+def test_revoke_api_keys_of_user(store: Store, alice: str, bob: str) -> None:
+    for owner, lookup in ((alice, "np_a1"), (alice, "np_a2"), (bob, "np_b1")):
+        store.create_api_key(owner=owner, lookup_id=lookup, secret_hash="h", name="n", scopes=[])
+    store.revoke_api_key("np_a2")
+    assert store.revoke_api_keys_of_user("ALICE") == ["np_a1"]
+    assert all(k.revoked_at is not None for k in store.list_api_keys(alice))
+    assert store.get_api_key_by_lookup_id("np_b1").revoked_at is None
+    assert store.revoke_api_keys_of_user(alice) == []
 
 
 # -- refresh sessions ----------------------------------------------------------------

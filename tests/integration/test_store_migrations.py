@@ -44,8 +44,11 @@ def test_migrations_at_head_match_schema(fresh_url: str) -> None:
         names = set(inspect(engine).get_table_names())
         assert {"users", "user_roles", "nodes", "tasks", "api_keys", "refresh_sessions"} <= names
         assert "audit_log" in names
-        indexes = {i["name"] for t in ("nodes", "tasks") for i in inspect(engine).get_indexes(t)}
+        tables = ("nodes", "tasks", "refresh_sessions")
+        indexes = {i["name"] for t in tables for i in inspect(engine).get_indexes(t)}
         assert {"idx_nodes_status", "idx_nodes_last_heartbeat", "idx_tasks_status"} <= indexes
+        # Every instance reads the recently revoked sessions every second.
+        assert "idx_refresh_sessions_revoked_at" in indexes
     finally:
         engine.dispose()
 

@@ -107,8 +107,37 @@ def test_control_a_well_formed_client_certificate_is_served(
 ) -> None:
     """The crafted certificates below differ from this one in one respect each."""
     ordinary = issue_odd_certificate(pki_ca, tmp_path, "ordinary-device")
-    with _channel(mtls_server, ordinary) as channel:
-        assert _check(channel).status == health_pb2.HealthCheckResponse.SERVING
+    _served_soon(mtls_server, ordinary)
+
+
+def _served_soon(server: ServerThread, issued: Any, within: float = 3.0) -> None:
+    """Served once the server's poll of the CA's records has seen the new certificate."""
+    deadline = time.monotonic() + within
+    with _channel(server, issued) as channel:
+        while True:
+            try:
+                assert _check(channel).status == health_pb2.HealthCheckResponse.SERVING
+                return
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+                assert time.monotonic() < deadline, "a recorded certificate is not served"
+                time.sleep(0.05)
+
+
+def test_a_certificate_the_ca_never_recorded_is_refused(
+    mtls_server: ServerThread, pki_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """Signed by the real CA key, well formed, but missing from the CA's records: what a
+    stolen CA key makes. Refused on every call; the same certificate once recorded is
+    served, so nothing else about it is wrong."""
+    unrecorded = issue_odd_certificate(pki_ca, tmp_path / "a", "forged-device", record=False)
+    recorded = issue_odd_certificate(pki_ca, tmp_path / "b", "twin-device")
+    _served_soon(mtls_server, recorded)
+    with _channel(mtls_server, unrecorded) as channel:
+        for _ in range(3):
+            error = _refusal(channel)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert error.details() == "certificate is not accepted"
 
 
 def test_expired_certificate_is_refused(
@@ -304,8 +333,9 @@ def test_revoking_twice_is_harmless(revoking: _RevokingSetup) -> None:
 class _BreakableSource:
     """A revocation source that starts raising, as a lost database would, once told to."""
 
-    def __init__(self) -> None:
+    def __init__(self, issued: frozenset[int] = frozenset()) -> None:
         self.broken = threading.Event()
+        self._issued = issued
 
     def _read(self) -> None:
         if self.broken.is_set():
@@ -319,6 +349,14 @@ class _BreakableSource:
         self._read()
         return frozenset()
 
+    def issuance_version(self) -> int:
+        self._read()
+        return 0
+
+    def issued_serials(self) -> frozenset[int]:
+        self._read()
+        return self._issued
+
 
 def test_unreadable_revocations_fail_closed(
     pki_ca: CertificateAuthority,
@@ -326,7 +364,7 @@ def test_unreadable_revocations_fail_closed(
     client_cert: IssuedCertificate,
     tmp_path: Path,
 ) -> None:
-    source = _BreakableSource()
+    source = _BreakableSource(frozenset({client_cert.serial}))
     server = ServerThread(server_settings(pki_ca.directory, server_cert, tmp_path / "data"))
     server.server = NodePoolServer(server.settings, revocation_source=source)
     server.start()

@@ -65,3 +65,38 @@ def test_allowed_reads_are_not_recorded() -> None:
     trail.finished(_call("/read"), grpc.StatusCode.OK)
     trail.finished(_call("/read"), grpc.StatusCode.NOT_FOUND)
     assert len(trail._buffer) == 0
+
+
+def test_a_failed_write_gives_up_the_oldest_entries_and_counts_them() -> None:
+    written: list[AuditEntry] = []
+    failing = [True]
+    trail: AuditTrail
+
+    async def append(entries: Sequence[AuditEntry]) -> None:
+        if failing[0]:
+            # Newer entries arrive while the write is in flight, then it fails.
+            for method in ("/3", "/4"):
+                trail.finished(_call(method), grpc.StatusCode.PERMISSION_DENIED)
+            raise ConnectionError("database away")
+        written.extend(entries)
+
+    trail = AuditTrail(append, max_buffer=3)
+    for method in ("/1", "/2"):
+        trail.finished(_call(method), grpc.StatusCode.PERMISSION_DENIED)
+    with pytest.raises(ConnectionError):
+        asyncio.run(trail.flush())
+    assert trail.dropped_total == 1
+    failing[0] = False
+    asyncio.run(trail.flush())
+    assert [entry.method for entry in written] == ["/2", "/3", "/4"]
+    assert trail.dropped_total == 1
+
+
+def test_overflow_is_counted() -> None:
+    async def append(entries: Sequence[AuditEntry]) -> None:
+        pass
+
+    trail = AuditTrail(append, max_buffer=2)
+    for method in ("/1", "/2", "/3", "/4"):
+        trail.finished(_call(method), grpc.StatusCode.PERMISSION_DENIED)
+    assert trail.dropped_total == 2

@@ -13,6 +13,7 @@ from nodepool.auth.passwords import (
     MIN_PASSWORD_LENGTH,
     RESERVED_USERNAMES,
     PasswordHasher,
+    check_signup_username,
     validate_email,
     validate_password,
     validate_username,
@@ -212,6 +213,22 @@ def test_reserved_usernames(name: str) -> None:
 
 def test_reserved_names_are_the_agreed_ones() -> None:
     assert {"root", "system", "nodepool", "anonymous"} == RESERVED_USERNAMES
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["admin", "Administrator", "support", "security", "root", "adm.in", "Admin_1", "root2"],
+)
+def test_names_reserved_for_sign_up(name: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="reserved"):
+        check_signup_username(name)
+
+
+def test_reserved_sign_up_names_are_still_valid_usernames() -> None:
+    # The first administrator may be called "admin" (made on the server host).
+    assert validate_username("admin") == "admin"
+    assert check_signup_username("adminton") == "adminton"
+    assert check_signup_username("alice.support-fan") == "alice.support-fan"
 
 
 def test_non_string_username_is_refused() -> None:

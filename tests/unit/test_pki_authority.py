@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import stat
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -134,6 +135,43 @@ def test_encrypted_key_needs_the_right_passphrase(tmp_path: Path) -> None:
         unlocked.issue("client", "c1", tmp_path / "out")
 
 
+def _pbkdf2_rounds(key_file: Path) -> int:
+    """The PBKDF2 iteration count in an encrypted PKCS#8 key, as openssl reads it."""
+    listing = subprocess.run(
+        ["openssl", "asn1parse", "-in", str(key_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    kdf = next(i for i, line in enumerate(listing) if ":PBKDF2" in line)
+    # PBKDF2-params: SEQUENCE { salt OCTET STRING, iterationCount INTEGER, ... }
+    count = next(line for line in listing[kdf:] if "INTEGER" in line)
+    return int(count.rsplit(":", 1)[1], 16)
+
+
+def test_encrypted_key_uses_a_strong_kdf_setting(tmp_path: Path) -> None:
+    directory = tmp_path / "ca"
+    CertificateAuthority.init(directory, passphrase=b"correct horse").close()
+    assert _pbkdf2_rounds(directory / "ca.key") >= 600_000
+
+
+def test_a_key_encrypted_the_old_way_still_opens(tmp_path: Path) -> None:
+    directory = tmp_path / "ca"
+    CertificateAuthority.init(directory).close()
+    key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    # What earlier versions wrote: BestAvailableEncryption, PBKDF2 at 2,048 rounds.
+    (directory / "ca.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"correct horse"),
+        )
+    )
+    assert _pbkdf2_rounds(directory / "ca.key") < 600_000
+    with CertificateAuthority.open(directory, b"correct horse") as unlocked:
+        unlocked.issue("client", "c1", tmp_path / "out")
+
+
 def test_passphrase_for_unencrypted_key_is_refused(ca: CertificateAuthority) -> None:
     with pytest.raises(PassphraseError, match="not encrypted"):
         CertificateAuthority.open(ca.directory, b"secret")
@@ -172,7 +210,7 @@ def test_leaf_profile(ca: CertificateAuthority, tmp_path: Path, kind: str) -> No
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
     cert.verify_directly_issued_by(ca.certificate)
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-    expected = {"server": 397, "node": 7, "client": 90}[kind]
+    expected = {"server": 366, "node": 7, "client": 90}[kind]
     assert timedelta(days=expected) <= lifetime <= timedelta(days=expected, minutes=2)
 
 

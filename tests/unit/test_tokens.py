@@ -36,6 +36,7 @@ from nodepool.auth.tokens import (
 )
 from nodepool.errors import UnauthenticatedError
 
+DEVICE = "spiffe://nodepool.test/client/alice-laptop"
 T0 = 1_700_000_000.0
 CONFIG = TokenConfig(issuer="nodepool-test", audience="nodepool-api", leeway=5.0)
 
@@ -70,6 +71,7 @@ def claims(**overrides: Any) -> dict[str, Any]:
         "iat": int(T0),
         "nbf": int(T0),
         "exp": int(T0) + 600,
+        "cnf": {"spiffe_id": DEVICE},
     }
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not ...}
@@ -140,29 +142,31 @@ def assert_invalid(call: Callable[[], object]) -> InvalidToken:
 def test_access_token_round_trip(
     issuer: TokenIssuer, verifier: TokenVerifier, keys: SigningKeys, algorithm: str
 ) -> None:
-    issued = issuer.issue_access("alice", "session-1")
+    issued = issuer.issue_access("alice", "session-1", device=DEVICE)
     assert issued.expires_at.tzinfo is UTC
     assert issued.expires_at.timestamp() == int(T0) + 600
     result = verifier.verify_access(issued.token)
-    assert result == AccessClaims("alice", "session-1", issued.jti, float(int(T0) + 600))
+    assert result == AccessClaims("alice", "session-1", issued.jti, float(int(T0) + 600), DEVICE)
     header = jwt.get_unverified_header(issued.token)
     assert header == {"alg": algorithm, "kid": keys.current_kid, "typ": "at+jwt"}
     payload = unb64json(issued.token.split(".")[1])
-    assert set(payload) == {"iss", "aud", "sub", "sid", "jti", "iat", "nbf", "exp"}
+    assert set(payload) == {"iss", "aud", "sub", "sid", "jti", "iat", "nbf", "exp", "cnf"}
     assert payload["iss"] == CONFIG.issuer
     assert payload["aud"] == CONFIG.audience
 
 
 def test_refresh_token_round_trip(issuer: TokenIssuer, verifier: TokenVerifier) -> None:
-    issued = issuer.issue_refresh("alice", "session-1")
+    issued = issuer.issue_refresh("alice", "session-1", device=DEVICE)
     assert issued.expires_at.timestamp() == int(T0) + 30 * 86400
     result = verifier.verify_refresh(issued.token)
-    assert result == RefreshClaims("alice", "session-1", issued.jti, float(int(T0) + 30 * 86400))
+    assert result == RefreshClaims(
+        "alice", "session-1", issued.jti, float(int(T0) + 30 * 86400), DEVICE
+    )
     assert jwt.get_unverified_header(issued.token)["typ"] == "rt+jwt"
 
 
 def test_each_token_gets_a_fresh_jti(issuer: TokenIssuer) -> None:
-    jtis = {issuer.issue_access("alice", "s").jti for _ in range(50)}
+    jtis = {issuer.issue_access("alice", "s", device=DEVICE).jti for _ in range(50)}
     assert len(jtis) == 50
 
 
@@ -172,9 +176,9 @@ def test_invalid_token_is_unauthenticated() -> None:
 
 def test_issuer_refuses_empty_subject(issuer: TokenIssuer) -> None:
     with pytest.raises(ValueError, match="non-empty"):
-        issuer.issue_access("", "s")
+        issuer.issue_access("", "s", device=DEVICE)
     with pytest.raises(ValueError, match="non-empty"):
-        issuer.issue_access("alice", "")
+        issuer.issue_access("alice", "", device=DEVICE)
 
 
 def test_config_is_validated() -> None:
@@ -192,8 +196,8 @@ def test_config_is_validated() -> None:
 
 
 def test_type_confusion_is_rejected(issuer: TokenIssuer, verifier: TokenVerifier) -> None:
-    access = issuer.issue_access("alice", "s").token
-    refresh = issuer.issue_refresh("alice", "s").token
+    access = issuer.issue_access("alice", "s", device=DEVICE).token
+    refresh = issuer.issue_refresh("alice", "s", device=DEVICE).token
     assert_invalid(lambda: verifier.verify_refresh(access))
     assert_invalid(lambda: verifier.verify_access(refresh))
 
@@ -209,7 +213,7 @@ def test_other_typ_headers_are_rejected(
 
 
 def test_tampered_signature_is_rejected(issuer: TokenIssuer, verifier: TokenVerifier) -> None:
-    token = issuer.issue_access("alice", "s").token
+    token = issuer.issue_access("alice", "s", device=DEVICE).token
     head, body, sig = token.split(".")
     raw = bytearray(base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)))
     raw[0] ^= 0x01
@@ -218,7 +222,7 @@ def test_tampered_signature_is_rejected(issuer: TokenIssuer, verifier: TokenVeri
 
 
 def test_tampered_payload_is_rejected(issuer: TokenIssuer, verifier: TokenVerifier) -> None:
-    token = issuer.issue_access("alice", "s").token
+    token = issuer.issue_access("alice", "s", device=DEVICE).token
     head, body, sig = token.split(".")
     payload = unb64json(body)
     payload["sub"] = "admin"
@@ -229,7 +233,7 @@ def test_tampered_header_is_rejected(
     issuer: TokenIssuer, verifier: TokenVerifier, keys: SigningKeys
 ) -> None:
     # Turning a refresh token into an access token by rewriting typ breaks the signature.
-    token = issuer.issue_refresh("alice", "s").token
+    token = issuer.issue_refresh("alice", "s", device=DEVICE).token
     _, body, sig = token.split(".")
     header = {"alg": keys.current_algorithm, "kid": keys.current_kid, "typ": "at+jwt"}
     assert_invalid(lambda: verifier.verify_access(f"{b64json(header)}.{body}.{sig}"))
@@ -289,7 +293,7 @@ def test_algorithm_is_pinned_to_the_key(tmp_path: Path) -> None:
 def test_expired_token_is_rejected(
     issuer: TokenIssuer, verifier: TokenVerifier, clock: FakeClock
 ) -> None:
-    token = issuer.issue_access("alice", "s").token
+    token = issuer.issue_access("alice", "s", device=DEVICE).token
     exp = int(T0) + 600
     clock.now = exp + CONFIG.leeway - 0.001
     verifier.verify_access(token)  # inside leeway (cold path)
@@ -297,7 +301,7 @@ def test_expired_token_is_rejected(
     clock.now = exp + CONFIG.leeway
     error = assert_invalid(lambda: verifier.verify_access(token))
     assert error.reason == "expired"
-    refresh = issuer.issue_refresh("alice", "s").token
+    refresh = issuer.issue_refresh("alice", "s", device=DEVICE).token
     clock.now += 31 * 86400
     assert_invalid(lambda: verifier.verify_refresh(refresh))
 
@@ -305,7 +309,7 @@ def test_expired_token_is_rejected(
 def test_not_yet_valid_token_is_rejected(keys: SigningKeys, clock: FakeClock) -> None:
     future_issuer = TokenIssuer(keys, CONFIG, clock=FakeClock(T0 + 60))
     verifier = TokenVerifier(keys, CONFIG, clock=clock)
-    token = future_issuer.issue_access("alice", "s").token
+    token = future_issuer.issue_access("alice", "s", device=DEVICE).token
     error = assert_invalid(lambda: verifier.verify_access(token))
     assert error.reason == "not-yet-valid"
     clock.now = T0 + 60 - CONFIG.leeway
@@ -325,14 +329,18 @@ def test_future_nbf_is_rejected(key_dir: Path, keys: SigningKeys, verifier: Toke
 def test_wrong_issuer_is_rejected(keys: SigningKeys, clock: FakeClock) -> None:
     other = TokenIssuer(keys, TokenConfig(issuer="evil", audience=CONFIG.audience), clock=clock)
     verifier = TokenVerifier(keys, CONFIG, clock=clock)
-    assert_invalid(lambda: verifier.verify_access(other.issue_access("alice", "s").token))
+    assert_invalid(
+        lambda: verifier.verify_access(other.issue_access("alice", "s", device=DEVICE).token)
+    )
 
 
 def test_wrong_audience_is_rejected(
     key_dir: Path, keys: SigningKeys, clock: FakeClock, verifier: TokenVerifier
 ) -> None:
     other = TokenIssuer(keys, TokenConfig(issuer=CONFIG.issuer, audience="other"), clock=clock)
-    assert_invalid(lambda: verifier.verify_access(other.issue_access("alice", "s").token))
+    assert_invalid(
+        lambda: verifier.verify_access(other.issue_access("alice", "s", device=DEVICE).token)
+    )
     # A list that contains our audience is not our single-audience token either.
     listed = sign(key_dir, keys.current_kid, claims(aud=[CONFIG.audience, "other"]))
     assert_invalid(lambda: verifier.verify_access(listed))
@@ -341,7 +349,7 @@ def test_wrong_audience_is_rejected(
 def test_unknown_kid_is_rejected(tmp_path: Path, clock: FakeClock) -> None:
     ours = SigningKeys.load_or_create(tmp_path / "ours")
     theirs = SigningKeys.load_or_create(tmp_path / "theirs")
-    token = TokenIssuer(theirs, CONFIG, clock=clock).issue_access("alice", "s").token
+    token = TokenIssuer(theirs, CONFIG, clock=clock).issue_access("alice", "s", device=DEVICE).token
     verifier = TokenVerifier(ours, CONFIG, clock=clock)
     error = assert_invalid(lambda: verifier.verify_access(token))
     assert error.reason == "unknown-key"
@@ -377,6 +385,29 @@ def test_every_required_claim_is_required(
     assert verifier.verify_access(sign(key_dir, keys.current_kid, claims())).jti == "jti-1"
     token = sign(key_dir, keys.current_kid, claims(**{missing: ...}))
     assert_invalid(lambda: verifier.verify_access(token))
+
+
+@pytest.mark.parametrize(
+    "cnf",
+    [{}, {"x5t#S256": "abc"}, {"spiffe_id": ""}, {"spiffe_id": 5}, "spiffe://x", None],
+)
+def test_a_token_without_a_device_binding_is_refused(
+    key_dir: Path, keys: SigningKeys, verifier: TokenVerifier, cnf: Any
+) -> None:
+    token = sign(key_dir, keys.current_kid, claims(cnf=cnf))
+    assert assert_invalid(lambda: verifier.verify_access(token)).reason in {"unbound", "malformed"}
+
+
+def test_tokens_carry_the_device_they_were_issued_through(
+    issuer: TokenIssuer, verifier: TokenVerifier
+) -> None:
+    access = issuer.issue_access("alice", "s", device=DEVICE).token
+    refresh = issuer.issue_refresh("alice", "s", device=DEVICE).token
+    assert unb64json(access.split(".")[1])["cnf"] == {"spiffe_id": DEVICE}
+    assert verifier.verify_access(access).device == DEVICE
+    assert verifier.verify_refresh(refresh).device == DEVICE
+    with pytest.raises(ValueError, match="device"):
+        issuer.issue_access("alice", "s", device="")
 
 
 @pytest.mark.parametrize(
@@ -534,7 +565,7 @@ def decode_calls(verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch) -> li
 def test_cache_hit_returns_the_same_claims_without_reverifying(
     issuer: TokenIssuer, verifier: TokenVerifier, decode_calls: list[str]
 ) -> None:
-    token = issuer.issue_access("alice", "s").token
+    token = issuer.issue_access("alice", "s", device=DEVICE).token
     first = verifier.verify_access(token)
     second = verifier.verify_access(token)
     assert second is first
@@ -545,7 +576,7 @@ def test_cache_hit_returns_the_same_claims_without_reverifying(
 def test_cached_token_still_expires(
     issuer: TokenIssuer, verifier: TokenVerifier, clock: FakeClock, decode_calls: list[str]
 ) -> None:
-    token = issuer.issue_access("alice", "s").token
+    token = issuer.issue_access("alice", "s", device=DEVICE).token
     verifier.verify_access(token)
     clock.now = T0 + 600 + CONFIG.leeway - 1
     verifier.verify_access(token)
@@ -561,7 +592,7 @@ def test_cache_is_bounded_and_evicts_the_oldest(
     keys: SigningKeys, issuer: TokenIssuer, clock: FakeClock
 ) -> None:
     verifier = TokenVerifier(keys, CONFIG, clock=clock, cache_size=3)
-    tokens = [issuer.issue_access("alice", f"s{i}").token for i in range(5)]
+    tokens = [issuer.issue_access("alice", f"s{i}", device=DEVICE).token for i in range(5)]
     for token in tokens:
         verifier.verify_access(token)
     assert verifier.cache_len() == 3
@@ -573,7 +604,7 @@ def test_cache_is_bounded_and_evicts_the_oldest(
 
 def test_cache_can_be_disabled(keys: SigningKeys, issuer: TokenIssuer, clock: FakeClock) -> None:
     verifier = TokenVerifier(keys, CONFIG, clock=clock, cache_size=0)
-    token = issuer.issue_access("alice", "s").token
+    token = issuer.issue_access("alice", "s", device=DEVICE).token
     assert verifier.verify_access(token) == verifier.verify_access(token)
     assert verifier.cache_len() == 0
     with pytest.raises(ValueError, match="cache_size"):
@@ -585,7 +616,7 @@ def test_failures_are_not_cached(
 ) -> None:
     for i in range(500):
         assert_invalid(lambda i=i: verifier.verify_access(f"garbage-{i}"))
-    refresh = issuer.issue_refresh("alice", "s").token
+    refresh = issuer.issue_refresh("alice", "s", device=DEVICE).token
     assert_invalid(lambda: verifier.verify_access(refresh))
     verifier.verify_refresh(refresh)  # refresh tokens are not cached either
     assert verifier.cache_len() == 0
@@ -594,7 +625,7 @@ def test_failures_are_not_cached(
 def test_refresh_verification_does_not_use_the_access_cache(
     issuer: TokenIssuer, verifier: TokenVerifier
 ) -> None:
-    access = issuer.issue_access("alice", "s").token
+    access = issuer.issue_access("alice", "s", device=DEVICE).token
     verifier.verify_access(access)
     assert_invalid(lambda: verifier.verify_refresh(access))
 
@@ -704,8 +735,12 @@ def test_unparsable_key_file_is_refused(key_dir: Path) -> None:
 def test_rotation_keeps_old_tokens_valid(key_dir: Path) -> None:
     clock = FakeClock()
     before = SigningKeys.load_or_create(key_dir)
-    old_token = TokenIssuer(before, CONFIG, clock=clock).issue_access("alice", "s").token
-    old_refresh = TokenIssuer(before, CONFIG, clock=clock).issue_refresh("alice", "s").token
+    old_token = (
+        TokenIssuer(before, CONFIG, clock=clock).issue_access("alice", "s", device=DEVICE).token
+    )
+    old_refresh = (
+        TokenIssuer(before, CONFIG, clock=clock).issue_refresh("alice", "s", device=DEVICE).token
+    )
 
     new_kid = SigningKeys.rotate(key_dir)
     assert new_kid != before.current_kid
@@ -716,7 +751,9 @@ def test_rotation_keeps_old_tokens_valid(key_dir: Path) -> None:
     verifier = TokenVerifier(after, CONFIG, clock=clock)
     assert verifier.verify_access(old_token).username == "alice"
     assert verifier.verify_refresh(old_refresh).username == "alice"
-    new_token = TokenIssuer(after, CONFIG, clock=clock).issue_access("bob", "s2").token
+    new_token = (
+        TokenIssuer(after, CONFIG, clock=clock).issue_access("bob", "s2", device=DEVICE).token
+    )
     assert jwt.get_unverified_header(new_token)["kid"] == new_kid
     assert verifier.verify_access(new_token).username == "bob"
     # The process that loaded before the rotation does not know the new key yet.
@@ -726,12 +763,12 @@ def test_rotation_keeps_old_tokens_valid(key_dir: Path) -> None:
 def test_algorithm_change_rotates_and_both_kinds_coexist(key_dir: Path) -> None:
     clock = FakeClock()
     ed = SigningKeys.load_or_create(key_dir, "EdDSA")
-    ed_token = TokenIssuer(ed, CONFIG, clock=clock).issue_access("alice", "s").token
+    ed_token = TokenIssuer(ed, CONFIG, clock=clock).issue_access("alice", "s", device=DEVICE).token
     es = SigningKeys.load_or_create(key_dir, "ES256")
     assert es.current_algorithm == "ES256"
     assert es.current_kid != ed.current_kid
     assert es.algorithm_of(ed.current_kid) == "EdDSA"
-    es_token = TokenIssuer(es, CONFIG, clock=clock).issue_access("bob", "s").token
+    es_token = TokenIssuer(es, CONFIG, clock=clock).issue_access("bob", "s", device=DEVICE).token
     assert jwt.get_unverified_header(es_token)["alg"] == "ES256"
     verifier = TokenVerifier(es, CONFIG, clock=clock)
     assert verifier.verify_access(ed_token).username == "alice"
@@ -759,7 +796,9 @@ def test_prune_keeps_current_and_newest(key_dir: Path) -> None:
 def test_in_memory_keys(clock: FakeClock) -> None:
     for alg in ("EdDSA", "ES256"):
         keys = SigningKeys.in_memory(alg)
-        token = TokenIssuer(keys, CONFIG, clock=clock).issue_access("alice", "s").token
+        token = (
+            TokenIssuer(keys, CONFIG, clock=clock).issue_access("alice", "s", device=DEVICE).token
+        )
         assert TokenVerifier(keys, CONFIG, clock=clock).verify_access(token).username == "alice"
 
 
@@ -785,7 +824,7 @@ def test_removing_a_key_drops_the_tokens_it_verified_from_the_cache(
 ) -> None:
     old = SigningKeys.load_or_create(key_dir, algorithm)
     verifier = TokenVerifier(old, CONFIG, clock=clock)
-    token = TokenIssuer(old, CONFIG, clock=clock).issue_access("alice", "s1").token
+    token = TokenIssuer(old, CONFIG, clock=clock).issue_access("alice", "s1", device=DEVICE).token
     verifier.verify_access(token)
     new_kid = SigningKeys.rotate(key_dir, algorithm)
     verifier.use_keys(SigningKeys.load(key_dir))
