@@ -18,9 +18,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from nodepool.auth.apikeys import MalformedApiKey, looks_like_api_key, parse_api_key, secret_matches
+from nodepool.auth.call import Call
 from nodepool.auth.events import AuthEvent, AuthEvents
 from nodepool.auth.principal import Credential, PeerKind, Principal
 from nodepool.auth.rules import Access
@@ -270,8 +271,9 @@ class CredentialResolver:
         if await self._sessions.load_recent(_SESSION_POLL_WINDOW):
             self._forget_admitted("")
 
-    def __call__(self, call: Any) -> Awaitable[None] | None:
+    def __call__(self, call: Call) -> Awaitable[None] | None:
         peer = call.peer
+        assert peer is not None, "the identity stage runs first"
         credential = _find_credential(call.context.invocation_metadata())
         if credential is None:
             if peer.kind is PeerKind.NODE:
@@ -315,7 +317,7 @@ class CredentialResolver:
         return self._admit_loaded_user(call, credential, claims.username, claims)
 
     async def _admit_loaded_user(
-        self, call: Any, credential: str, username: str, claims: AccessClaims
+        self, call: Call, credential: str, username: str, claims: AccessClaims
     ) -> None:
         generation = self._generation
         user = await self._users.get(username)
@@ -331,7 +333,7 @@ class CredentialResolver:
 
     def _admit_user(
         self,
-        call: Any,
+        call: Call,
         credential_text: str,
         user: UserSnapshot | None,
         credential: Credential,
@@ -344,6 +346,7 @@ class CredentialResolver:
     ) -> None:
         if user is None or not user.is_active:
             raise UnauthenticatedError(_INVALID)
+        assert call.peer is not None
         roles = user.roles if scopes is None else user.roles & scopes
         principal = Principal(
             peer=call.peer,
@@ -364,7 +367,7 @@ class CredentialResolver:
                 api_key_id,
             )
 
-    async def _with_api_key(self, call: Any, text: str) -> None:
+    async def _with_api_key(self, call: Call, text: str) -> None:
         try:
             parsed = parse_api_key(text)
         except MalformedApiKey:

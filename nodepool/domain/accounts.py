@@ -7,9 +7,11 @@ may do what to which account lives here or in the Casbin policy, never in a serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn, ParamSpec, TypeVar
@@ -42,6 +44,7 @@ from nodepool.store import (
     Conflict,
     NotFound,
     Store,
+    StoreCalls,
     StoreUnavailable,
     Unset,
     UserRecord,
@@ -99,20 +102,26 @@ async def register_account(
     password: str,
     email: str,
     roles: Sequence[str] = (USER,),
+    *,
+    store_calls: StoreCalls | None = None,
 ) -> UserRecord:
     """A new account after every rule on names and passwords.
 
     Remote sign-up always gets ``("user",)``; administrators are made on the server host
-    (``nodepool user create-admin``), never by a remote registration.
+    (``nodepool user create-admin``), never by a remote registration. The server passes its
+    ``store_calls``; a local command, with no other work waiting, runs it in a thread.
     """
     username = validate_username(_bounded(username, "username"))
     validate_password(_bounded(password, "password"), username=username)
     email = validate_email(_bounded(email, "email"))
     password_hash = await hash_password(password)
+    create = functools.partial(
+        store.create_user, username, password_hash, email=email or None, roles=tuple(roles)
+    )
     try:
-        return await asyncio.to_thread(
-            store.create_user, username, password_hash, email=email or None, roles=tuple(roles)
-        )
+        if store_calls is None:
+            return await asyncio.to_thread(create)
+        return await store_calls(create)
     except AlreadyExists:
         raise AlreadyExistsError("that username is taken") from None
     except StoreUnavailable:
@@ -126,6 +135,8 @@ class Accounts:
         cache: Cache,
         events: AuthEvents,
         *,
+        store_calls: StoreCalls,
+        hash_executor: Executor,
         hasher: PasswordHasher,
         issuer: TokenIssuer,
         verifier: TokenVerifier,
@@ -134,6 +145,10 @@ class Accounts:
         api_key_max_ttl: timedelta = timedelta(days=365),
     ) -> None:
         self._store = store
+        # Store work runs on the server's bounded store threads; password hashes on
+        # threads of their own, so neither can hold up the other.
+        self._calls = store_calls
+        self._hash_executor = hash_executor
         self._cache = cache
         self._events = events
         self._hasher = hasher
@@ -146,7 +161,7 @@ class Accounts:
 
     async def _db(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return await asyncio.to_thread(function, *args, **kwargs)
+            return await self._calls(function, *args, **kwargs)
         except StoreUnavailable:
             raise UnavailableError() from None
 
@@ -165,13 +180,18 @@ class Accounts:
         async def hash_password(password: str) -> str:
             return await self._hashing(self._hasher.hash, password)
 
-        return await register_account(self._store, hash_password, username, password, email)
+        return await register_account(
+            self._store, hash_password, username, password, email, store_calls=self._calls
+        )
 
     async def _hashing(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """argon2 work, a few at a time: it takes 64 MiB and a core for ~0.1 s each, and
         must never occupy every worker thread the rest of the server needs."""
         async with self._hash_slots:
-            return await asyncio.to_thread(function, *args, **kwargs)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._hash_executor, functools.partial(function, *args, **kwargs)
+            )
 
     async def login(self, username: str, password: str, peer_host: str) -> Session:
         if not username or not password:
