@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 from nodepool.auth.apikeys import MalformedApiKey, looks_like_api_key, parse_api_key, secret_matches
 from nodepool.auth.call import Call
-from nodepool.auth.events import AuthEvent, AuthEvents
+from nodepool.auth.events import CREDENTIAL_EVENTS, AuthEvent, AuthEvents
 from nodepool.auth.principal import Credential, PeerKind, Principal
 from nodepool.auth.rules import Access
 from nodepool.auth.tokens import AccessClaims, InvalidToken, TokenVerifier
@@ -252,7 +252,7 @@ class CredentialResolver:
         events.on(AuthEvent.SESSION_REVOKED, sessions.add)
         events.on(AuthEvent.USER_CHANGED, users.forget)
         events.on(AuthEvent.API_KEY_REVOKED, api_keys.forget)
-        for kind in AuthEvent:
+        for kind in CREDENTIAL_EVENTS:
             events.on(kind, self._forget_admitted)
         events.on_resync(sessions.resync)
         events.on_resync(users.resync)

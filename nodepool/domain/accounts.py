@@ -10,6 +10,7 @@ import asyncio
 import functools
 import hashlib
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -63,6 +64,10 @@ API_KEY_SCOPES = ACCOUNT_ROLES
 
 _LOGIN_FAILED = "invalid username or password"
 _MAX_FIELD = 1024
+# Profiles read by GetUserInfo are kept this long at most; every change is announced and
+# forgets them at once, so this only bounds a lost announcement (as for credentials).
+_PROFILE_SECONDS = 10.0
+_MAX_PROFILES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +163,10 @@ class Accounts:
         self._api_key_ttl = api_key_ttl
         self._api_key_max_ttl = api_key_max_ttl
         self._hash_slots = asyncio.Semaphore(login_policy.concurrent_hashes)
+        self._profiles = _ProfileCache()
+        events.on(AuthEvent.USER_CHANGED, self._profiles.forget)
+        events.on(AuthEvent.PROFILE_CHANGED, self._profiles.forget)
+        events.on_resync(self._profiles.clear)
 
     async def _db(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -236,6 +245,7 @@ class Accounts:
 
         await self._cache.delete(f"login:failures:{key}")
         await self._db(self._store.record_login_success, user.username)
+        await self._events.publish(AuthEvent.PROFILE_CHANGED, user.username)
         if self._hasher.needs_rehash(user.password_hash):
             new_hash = await self._hashing(self._hasher.hash, password)
             await self._db(self._store.update_user_fields, user.username, password_hash=new_hash)
@@ -340,11 +350,18 @@ class Accounts:
         return _bounded(username, "username", 64)
 
     async def get_user(self, actor: Principal, username: str) -> UserRecord:
+        """A profile, from memory when no change was announced since it was read."""
         target = self._target(actor, username)
+        cached = self._profiles.get(target)
+        if cached is not None:
+            return cached
+        generation = self._profiles.generation
         try:
-            return await self._db(self._store.get_user, target)
+            user = await self._db(self._store.get_user, target)
         except NotFound:
             raise NotFoundError("no such user") from None
+        self._profiles.put(user, generation)
+        return user
 
     async def update_profile(
         self,
@@ -356,7 +373,7 @@ class Accounts:
         new_password: str,
     ) -> UserRecord:
         target = self._target(actor, username)
-        user = await self.get_user(actor, target)
+        user = await self._fresh_user(target)
         password_hash: str | Unset = UNSET
         if new_password:
             validate_password(_bounded(new_password, "new_password"), username=user.username)
@@ -375,10 +392,18 @@ class Accounts:
             email=email_value,
             password_hash=password_hash,
         )
+        await self._events.publish(AuthEvent.PROFILE_CHANGED, updated.username)
         if new_password:
             keep = actor.session_id if target == actor.username else None
             await self._end_sessions_of(user.username, "password changed", keep)
         return updated
+
+    async def _fresh_user(self, username: str) -> UserRecord:
+        """The record from the database, for decisions (a password check, scopes)."""
+        try:
+            return await self._db(self._store.get_user, username)
+        except NotFound:
+            raise NotFoundError("no such user") from None
 
     # -- roles and activation (administrators) ---------------------------------------------
 
@@ -400,6 +425,7 @@ class Accounts:
             raise NotFoundError("no such user") from None
         if role == ADMIN and not await self._an_admin_remains():
             await self._db(self._store.add_role, username, ADMIN)
+            self._profiles.forget(username)
             raise FailedPreconditionError("the last active administrator cannot be removed")
         await self._events.publish(AuthEvent.USER_CHANGED, user.username)
         return user
@@ -438,6 +464,7 @@ class Accounts:
             raise NotFoundError("no such user") from None
         if not active and not await self._an_admin_remains():
             await self._db(self._store.update_user_fields, username, is_active=True)
+            self._profiles.forget(username)
             raise FailedPreconditionError("the last active administrator cannot be removed")
         if not active:
             await self._end_sessions_of(user.username, "account deactivated")
@@ -456,7 +483,7 @@ class Accounts:
         ttl_days: int,
     ) -> tuple[ApiKeyRecord, str]:
         target = self._target(actor, owner)
-        user = await self.get_user(actor, target)
+        user = await self._fresh_user(target)
         wanted = frozenset(scopes) or frozenset({USER})
         if not wanted <= API_KEY_SCOPES:
             raise InvalidArgumentError("scopes must be roles such as 'user' or 'admin'")
@@ -494,3 +521,36 @@ class Accounts:
             raise NotFoundError("no such API key") from None
         await self._events.publish(AuthEvent.API_KEY_REVOKED, record.lookup_id)
         return record
+
+
+class _ProfileCache:
+    """Profiles by canonical username, forgotten on every announced change.
+
+    A profile read while a change was announced may be the old one: it is returned to
+    its caller but not kept (the generation moved).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, UserRecord]] = {}
+        self.generation = 0
+
+    def get(self, username: str) -> UserRecord | None:
+        entry = self._entries.get(username.casefold())
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, user: UserRecord, loaded_at_generation: int) -> None:
+        if loaded_at_generation != self.generation:
+            return
+        if len(self._entries) >= _MAX_PROFILES:
+            self._entries.clear()
+        self._entries[user.username.casefold()] = (time.monotonic() + _PROFILE_SECONDS, user)
+
+    def forget(self, username: str) -> None:
+        self.generation += 1
+        self._entries.pop(username.casefold(), None)
+
+    async def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
