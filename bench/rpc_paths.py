@@ -73,6 +73,10 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
+# --workers: NODEPOOL_MAX_WORKERS for the server (unset: the server's default).
+WORKERS: list[int] = []
+
+
 class BenchError(RuntimeError):
     """The bench could not measure; the message says why."""
 
@@ -235,6 +239,7 @@ def _serve_nodepool(layout: Layout, backend: Backend) -> Process:
             # Long enough for any run the options allow.
             "NODEPOOL_ACCESS_TOKEN_TTL": "14400",
             **backend.env,
+            **({"NODEPOOL_MAX_WORKERS": str(WORKERS[0])} if WORKERS else {}),
         }
     )
     server = _start(
@@ -661,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight (64)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="measure only these RPCs")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
+    parser.add_argument("--workers", type=int, help="NODEPOOL_MAX_WORKERS for the server")
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -672,6 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cases:
         parser.error(f"--only: choose from {', '.join(case.name for case in CASES)}")
     backends = ("sqlite", "postgres") if args.backend == "both" else (args.backend,)
+    if args.workers:
+        WORKERS.append(args.workers)
     try:
         ok = run(backends, cases, args.seconds, args.rounds, args.concurrency, args.pin)
     except BenchError as error:

@@ -13,13 +13,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool, StaticPool
 
-__all__ = ["WRITE", "create_engine_for", "normalize_url"]
+__all__ = ["SINGLE_STATEMENT", "WRITE", "create_engine_for", "normalize_url"]
 
 # Execution option: the transaction will write. On SQLite it then starts with
 # BEGIN IMMEDIATE, taking the write lock up front; a deferred transaction that reads and
 # then writes fails at once with SQLITE_BUSY when another writer committed meanwhile,
 # and busy_timeout does not help there.
 WRITE = "nodepool_write"
+
+# Execution option: one statement, no transaction around it (SqlBase._read_one).
+SINGLE_STATEMENT = "nodepool_single_statement"
 
 _SQLITE_BUSY_TIMEOUT = 5.0
 _POOL_TIMEOUT = 30.0
@@ -127,4 +130,6 @@ def _on_sqlite_connect(
 
 def _on_sqlite_begin(connection: Connection) -> None:
     options: dict[str, Any] = dict(connection.get_execution_options())
+    if options.get(SINGLE_STATEMENT):
+        return  # pysqlite in autocommit mode: the statement is its own transaction
     connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE) else "BEGIN")
