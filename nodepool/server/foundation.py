@@ -10,6 +10,7 @@ executor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 from nodepool.auth.authorization import Authorizer, default_policy_dir
@@ -111,15 +112,27 @@ class Foundation:
 
     async def stop(self) -> None:
         """Closes whatever :meth:`start` opened, also after a start that failed half-way."""
+        names = ("store_calls", "background_calls")
+        running = [calls for name in names if (calls := getattr(self, name, None)) is not None]
+        for store_calls in running:
+            store_calls.shutdown(wait=False)  # no new work; what is queued is dropped
+        if running:
+            # Store work already on a thread (a loop cancelled mid-call) finishes before the
+            # engine goes, or its connection would outlive the pool unclosed.
+            def wait_for_threads() -> None:
+                for store_calls in running:
+                    store_calls.shutdown(wait=True)
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.to_thread(wait_for_threads), self.settings.database_timeout + 1
+                )
         if (cache := getattr(self, "cache", None)) is not None:
             await cache.close()
         if (store := getattr(self, "store", None)) is not None:
             await asyncio.to_thread(store.close)
         if (authority := getattr(self, "authority", None)) is not None:
             await asyncio.to_thread(authority.close)
-        for name in ("store_calls", "background_calls"):
-            if (calls := getattr(self, name, None)) is not None:
-                await asyncio.to_thread(calls.shutdown)
         for name in ("revocation_executor", "hash_executor"):
             if (executor := getattr(self, name, None)) is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
