@@ -13,6 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nodepool.client import secure_channel
 from nodepool.v1 import (
+    master_node_pb2,
+    master_node_pb2_grpc,
     node_manager_pb2,
     node_manager_pb2_grpc,
 )
