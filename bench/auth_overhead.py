@@ -7,7 +7,10 @@ constant answer, no database) on two ``grpc.aio`` servers with the same mTLS set
   revocation → credentials (JWT access token) → Casbin authorization → audit, over a
   migrated SQLite store, the in-process cache and the shipped policy, with the server's
   background tasks running;
-- ``bare``: no interceptor at all.
+- ``bare``: no interceptor at all;
+- ``registered`` (with ``--compare-registration``): the same pipeline, but each handler
+  wrapped once when it is registered instead of by the interceptor — the design the
+  interceptor replaced, kept here to show what the interceptor costs.
 
 This process is the load: one ``grpc.aio`` channel per server, the same client
 certificate, ``authorization: Bearer <access token>`` on every call to both, N calls in
@@ -17,7 +20,7 @@ round and the median over rounds, the server process's CPU time per call, the ra
 a verdict per bound:
 
     python bench/auth_overhead.py [--seconds 2] [--rounds 5] [--concurrency 16] [--profile]
-                                  [--no-pin]
+                                  [--no-pin] [--compare-registration]
 
 By default this process and the server process are pinned to one core each: the server is
 then the bottleneck in both modes (its CPU per call decides its throughput), and load from
@@ -52,6 +55,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +81,7 @@ from nodepool.server.pipeline import (
 )
 from nodepool.server.tls import TlsFiles, TlsReloader
 from nodepool.settings import Settings
-from nodepool.store import AuditEntry, open_store
+from nodepool.store import AuditEntry, StoreCalls, open_store
 from nodepool.v1 import user_manager_pb2 as pb
 from nodepool.v1 import user_manager_pb2_grpc as pb_grpc
 from pki import CertificateAuthority, CertificateStore
@@ -117,6 +121,7 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 MODES = ("full", "bare")
+REGISTERED = "registered"
 
 
 class BenchError(RuntimeError):
@@ -161,6 +166,43 @@ class Layout:
     @property
     def data_dir(self) -> Path:
         return self.workdir / "data"
+
+
+class _RegisteredView:
+    """Wraps each handler once as it is registered (no interceptor): the old design."""
+
+    def __init__(self, server: grpc.aio.Server, pipeline: CallPipeline) -> None:
+        self._server = server
+        self._pipeline = pipeline
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        pipeline = self._pipeline
+
+        class Guarded(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+                self._wrapped: dict[str, Any] = {}
+
+            def service(self, details: grpc.HandlerCallDetails) -> Any:
+                wrapped = self._wrapped.get(details.method)
+                if wrapped is None:
+                    handler = self._inner.service(details)
+                    if handler is None:
+                        return None
+                    wrapped = pipeline.guard(details.method, handler)
+                    self._wrapped[details.method] = wrapped
+                return wrapped
+
+        self._server.add_generic_rpc_handlers(tuple(Guarded(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service,
+            {
+                name: self._pipeline.guard(f"/{service}/{name}", handler)
+                for name, handler in handlers.items()
+            },
+        )
 
 
 class _FakeContext:
@@ -231,11 +273,25 @@ class BenchServers:
         keys = await asyncio.to_thread(
             SigningKeys.load_or_create, settings.jwt_keys, settings.jwt_algorithm
         )
-        auth = build_auth(settings, store, cache, keys)
+        store_calls = StoreCalls(settings.max_workers, settings.database_timeout)
+        background_calls = StoreCalls(2, settings.database_timeout, name="bench-background")
+        hash_executor = ThreadPoolExecutor(2)
+        self._closers.extend(
+            (store_calls.shutdown, background_calls.shutdown, hash_executor.shutdown)
+        )
+        auth = build_auth(
+            settings,
+            store,
+            cache,
+            keys,
+            store_calls=store_calls,
+            background_calls=background_calls,
+            hash_executor=hash_executor,
+        )
 
         async def append_audit(entries: Sequence[AuditEntry]) -> None:
             self.audited += len(entries)
-            await asyncio.to_thread(store.append_audit, entries)
+            await background_calls(store.append_audit, entries)
 
         self.audited = 0
         self.audit = AuditTrail(append_audit)
@@ -263,10 +319,11 @@ class BenchServers:
         self.token = session.access_token
 
         ports = {}
-        for mode in MODES:
-            server = grpc.aio.server(options=list(SERVER_OPTIONS))
-            # The full server registers through the pipeline, exactly as NodePoolServer does.
-            target = self.pipeline.guarded(server) if mode == "full" else server
+        for mode in (*MODES, REGISTERED):
+            # The full server has the pipeline as its interceptor, exactly as NodePoolServer.
+            interceptors = [self.pipeline] if mode == "full" else []
+            server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS))
+            target: Any = _RegisteredView(server, self.pipeline) if mode == REGISTERED else server
             pb_grpc.add_UserManagerServicer_to_server(BenchUserManager(), target)  # type: ignore[abstract]
             port = server.add_secure_port("127.0.0.1:0", tls.credentials())
             if port == 0:
@@ -330,7 +387,9 @@ class BenchServers:
         )
         wrapped = self.pipeline.guard(METHOD, handler)
         request = pb.GetUserInfoRequest()
-        await wrapped.unary_unary(request, context)  # fills the caches
+        # The wrapped handler takes the bytes off the wire and decodes after the stages.
+        raw_request = request.SerializeToString()
+        await wrapped.unary_unary(raw_request, context)  # fills the caches
         n = MICRO_ITERATIONS
         timings: dict[str, float] = {}
         call = Call(method=METHOD, rule=rule, context=context)
@@ -349,7 +408,7 @@ class BenchServers:
             return best / n * 1e6
 
         bare = await best_of(lambda: handler.unary_unary(request, context))
-        full = await best_of(lambda: wrapped.unary_unary(request, context))
+        full = await best_of(lambda: wrapped.unary_unary(raw_request, context))
         timings["wrapped handler minus bare handler"] = full - bare
         timings["audit.finished (allowed read)"] = _per_call_us(
             lambda: self.audit.finished(call, grpc.StatusCode.OK), n
@@ -562,6 +621,7 @@ async def _measure(
     rounds: int,
     concurrency: int,
     profile: bool,
+    modes: Sequence[str] = MODES,
 ) -> tuple[list[Round], dict[str, str]]:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=(client_dir / "ca.crt").read_bytes(),
@@ -574,16 +634,16 @@ async def _measure(
         mode: grpc.aio.secure_channel(
             f"127.0.0.1:{server.info['ports'][mode]}", credentials, list(CHANNEL_OPTIONS)
         )
-        for mode in MODES
+        for mode in modes
     }
     try:
         stubs = {mode: pb_grpc.UserManagerStub(channel) for mode, channel in channels.items()}
-        for mode in MODES:
+        for mode in modes:
             await _load(stubs[mode], metadata, WARMUP_SECONDS, concurrency)
         results: list[Round] = []
         for index in range(1, rounds + 1):
             # full/bare, then bare/full: a linear drift weighs on both modes alike.
-            order = MODES if index % 2 else tuple(reversed(MODES))
+            order = tuple(modes) if index % 2 else tuple(reversed(modes))
             for mode in order:
                 before = (_process_cpu(pid), time.process_time(), _machine_busy())
                 calls, elapsed, latencies = await _load(stubs[mode], metadata, seconds, concurrency)
@@ -676,7 +736,7 @@ def _report(results: Sequence[Round], micro: dict[str, float], concurrency: int)
         rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
         return "  ".join((first, *rest))
 
-    rounds = len(results) // 2
+    rounds = sum(1 for result in results if result.mode == "full")
     print()
     print(f"GetUserInfo, concurrency {concurrency}, median of {rounds} rounds per mode")
     print(line(header))
@@ -732,7 +792,37 @@ def _report(results: Sequence[Round], micro: dict[str, float], concurrency: int)
     return throughput_ok and p99_ok
 
 
-def run(seconds: float, rounds: int, concurrency: int, profile: bool, pin: bool) -> bool:
+def _report_registration(results: Sequence[Round]) -> None:
+    """Interceptor (full) against the same pipeline wrapped at registration."""
+    full, registered = _summarize(results, "full"), _summarize(results, REGISTERED)
+    pairs = [
+        (f, r)
+        for f in results
+        for r in results
+        if f.mode == "full" and r.mode == REGISTERED and f.index == r.index
+    ]
+    per_round = statistics.median(f.throughput / r.throughput for f, r in pairs)
+    print()
+    print(
+        f"registered: {registered.throughput:.0f} calls/s  p99 {_ms(registered.p99)}  "
+        f"server CPU {_cpu(registered.server_cpu_us)}/call"
+    )
+    print(
+        f"throughput interceptor/registered: {full.throughput / registered.throughput:.3f}   "
+        f"(median of per-round ratios {per_round:.3f})"
+    )
+    print(f"p99 interceptor/registered:        {full.p99 / registered.p99:.3f}")
+
+
+def run(
+    seconds: float,
+    rounds: int,
+    concurrency: int,
+    profile: bool,
+    pin: bool,
+    compare_registration: bool = False,
+) -> bool:
+    modes = (*MODES, REGISTERED) if compare_registration else MODES
     with tempfile.TemporaryDirectory(prefix="nodepool-bench-") as tmp:
         layout = Layout(Path(tmp))
         with CertificateAuthority.init(layout.ca_dir, trust_domain=TRUST_DOMAIN) as ca:
@@ -753,13 +843,15 @@ def run(seconds: float, rounds: int, concurrency: int, profile: bool, pin: bool)
                 flush=True,
             )
             results, profiles = asyncio.run(
-                _measure(server, layout.client_dir, seconds, rounds, concurrency, profile)
+                _measure(server, layout.client_dir, seconds, rounds, concurrency, profile, modes)
             )
             refused = server.ask("audit")["entries"]
             if refused:
                 raise BenchError(f"the full pipeline refused {refused} calls (audit entries)")
             micro = server.ask("micro")["micro"]
         ok = _report(results, micro, concurrency)
+        if compare_registration:
+            _report_registration(results)
         for mode, text in profiles.items():
             print()
             print(f"cProfile of the server process (event loop thread), one {mode} round:")
@@ -784,6 +876,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_false",
         help="let the client and the server float over the cores (default: one core each)",
     )
+    parser.add_argument(
+        "--compare-registration",
+        action="store_true",
+        help="also measure handlers wrapped at registration (no interceptor)",
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -798,7 +895,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= args.concurrency <= 1000:
         parser.error("--concurrency must be between 1 and 1000")
     try:
-        return 0 if run(args.seconds, args.rounds, args.concurrency, args.profile, args.pin) else 1
+        ok = run(
+            args.seconds,
+            args.rounds,
+            args.concurrency,
+            args.profile,
+            args.pin,
+            args.compare_registration,
+        )
+        return 0 if ok else 1
     except BenchError as error:
         print(f"bench failed: {error}", file=sys.stderr)
         return 2

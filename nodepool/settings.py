@@ -158,7 +158,12 @@ class Settings:
 
     grpc_host: str = field(default="[::]", metadata={"parse": _parse_str})
     grpc_port: int = field(default=50051, metadata={"parse": _parse_int(0, 65535)})
+    # Threads for store calls, and as many database connections: each store thread holds
+    # at most one connection, so neither ever waits for the other.
     max_workers: int = field(default=10, metadata={"parse": _parse_int(1, 1024)})
+    # The longest any call waits for the database (seconds): past it the call answers
+    # UNAVAILABLE. PostgreSQL also gets it as connect_timeout and statement_timeout.
+    database_timeout: float = field(default=5.0, metadata={"parse": _parse_float(0.1, 300)})
     data_dir: Path = field(default=Path("nodepool-data"), metadata={"parse": _parse_path})
     database_url: str = field(default="", metadata={"parse": _parse_database_url})
     redis_url: str | None = field(default=None, metadata={"parse": _parse_redis_url})

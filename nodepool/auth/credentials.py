@@ -18,10 +18,11 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from nodepool.auth.apikeys import MalformedApiKey, looks_like_api_key, parse_api_key, secret_matches
-from nodepool.auth.events import AuthEvent, AuthEvents
+from nodepool.auth.call import Call
+from nodepool.auth.events import CREDENTIAL_EVENTS, AuthEvent, AuthEvents
 from nodepool.auth.principal import Credential, PeerKind, Principal
 from nodepool.auth.rules import Access
 from nodepool.auth.tokens import AccessClaims, InvalidToken, TokenVerifier
@@ -268,7 +269,7 @@ class CredentialResolver:
         events.on(AuthEvent.SESSION_REVOKED, sessions.add)
         events.on(AuthEvent.USER_CHANGED, users.forget)
         events.on(AuthEvent.API_KEY_REVOKED, api_keys.forget)
-        for kind in AuthEvent:
+        for kind in CREDENTIAL_EVENTS:
             events.on(kind, self._forget_admitted)
         events.on_resync(sessions.resync)
         events.on_resync(users.resync)
@@ -287,8 +288,9 @@ class CredentialResolver:
         if await self._sessions.load_recent(_SESSION_POLL_WINDOW):
             self._forget_admitted("")
 
-    def __call__(self, call: Any) -> Awaitable[None] | None:
+    def __call__(self, call: Call) -> Awaitable[None] | None:
         peer = call.peer
+        assert peer is not None, "the identity stage runs first"
         credential = _find_credential(call.context.invocation_metadata())
         if credential is None:
             if peer.kind is PeerKind.NODE:
@@ -335,7 +337,7 @@ class CredentialResolver:
         return self._admit_loaded_user(call, credential, claims.username, claims)
 
     async def _admit_loaded_user(
-        self, call: Any, credential: str, username: str, claims: AccessClaims
+        self, call: Call, credential: str, username: str, claims: AccessClaims
     ) -> None:
         generation = self._generation
         user = await self._users.get(username)
@@ -351,7 +353,7 @@ class CredentialResolver:
 
     def _admit_user(
         self,
-        call: Any,
+        call: Call,
         credential_text: str,
         user: UserSnapshot | None,
         credential: Credential,
@@ -364,6 +366,7 @@ class CredentialResolver:
     ) -> None:
         if user is None or not user.is_active:
             raise UnauthenticatedError(_INVALID)
+        assert call.peer is not None
         # Measured before anything else can run: the admission may not outlive the
         # cached facts it was made from.
         fresh_for = self._users.fresh_for(user.username)
@@ -390,7 +393,7 @@ class CredentialResolver:
                 api_key_id,
             )
 
-    async def _with_api_key(self, call: Any, text: str) -> None:
+    async def _with_api_key(self, call: Call, text: str) -> None:
         try:
             parsed = parse_api_key(text)
         except MalformedApiKey:
@@ -404,6 +407,7 @@ class CredentialResolver:
             or (record.expires_at is not None and record.expires_at <= datetime.now(UTC))
         ):
             raise UnauthenticatedError(_INVALID)
+        assert call.peer is not None  # the identity stage ran first
         if record.bound_device is not None and record.bound_device != call.peer.spiffe_id:
             # A key bound to one device, presented through another certificate.
             raise UnauthenticatedError(_INVALID)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from nodepool.cache import Cache, CacheUnavailable
 
-__all__ = ["AUTH_EVENTS_CHANNEL", "AuthEvent", "AuthEvents"]
+__all__ = ["AUTH_EVENTS_CHANNEL", "CREDENTIAL_EVENTS", "AuthEvent", "AuthEvents"]
 
 _log = logging.getLogger(__name__)
 
@@ -28,7 +28,19 @@ AUTH_EVENTS_CHANNEL = "auth-events"
 class AuthEvent(enum.StrEnum):
     SESSION_REVOKED = "session"
     API_KEY_REVOKED = "apikey"
+    # Roles or the active flag changed: credentials and profiles are re-read.
     USER_CHANGED = "user"
+    # Only what a profile shows changed (e-mail, last login): cached profiles are re-read,
+    # credentials are untouched.
+    PROFILE_CHANGED = "profile"
+
+
+# The changes that can take a credential's rights away.
+CREDENTIAL_EVENTS = (
+    AuthEvent.SESSION_REVOKED,
+    AuthEvent.API_KEY_REVOKED,
+    AuthEvent.USER_CHANGED,
+)
 
 
 Handler = Callable[[str], object]

@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,10 +74,7 @@ def serve(config_file: Path | None) -> None:
 
 async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
-    # Blocking database work runs here; MAX_WORKERS bounds it as in the original design.
-    loop.set_default_executor(
-        ThreadPoolExecutor(settings.max_workers, thread_name_prefix="nodepool-db")
-    )
+    # The server sizes its own store threads from the settings (MAX_WORKERS).
     server = NodePoolServer(settings)
     await server.start()
     stopping = asyncio.Event()

@@ -7,11 +7,14 @@ may do what to which account lives here or in the Casbin policy, never in a serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NoReturn, ParamSpec, TypeVar
@@ -49,6 +52,7 @@ from nodepool.store import (
     Conflict,
     NotFound,
     Store,
+    StoreCalls,
     StoreUnavailable,
     Unset,
     UserRecord,
@@ -71,6 +75,10 @@ _LAST_ADMIN = "the last active administrator cannot be removed"
 _MAX_FIELD = 1024
 # Certificate names as nodepool-pki issues them (pki/identity.py).
 _DEVICE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# Profiles read by GetUserInfo are kept this long at most; every change is announced and
+# forgets them at once, so this only bounds a lost announcement (as for credentials).
+_PROFILE_SECONDS = 10.0
+_MAX_PROFILES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,20 +153,26 @@ async def register_account(
     password: str,
     email: str,
     roles: Sequence[str] = (USER,),
+    *,
+    store_calls: StoreCalls | None = None,
 ) -> UserRecord:
     """A new account after every rule on names and passwords.
 
     Remote sign-up always gets ``("user",)``; administrators are made on the server host
-    (``nodepool user create-admin``), never by a remote registration.
+    (``nodepool user create-admin``), never by a remote registration. The server passes its
+    ``store_calls``; a local command, with no other work waiting, runs it in a thread.
     """
     username = validate_username(_bounded(username, "username"))
     validate_password(_bounded(password, "password"), username=username)
     email = validate_email(_bounded(email, "email"))
     password_hash = await hash_password(password)
+    create = functools.partial(
+        store.create_user, username, password_hash, email=email or None, roles=tuple(roles)
+    )
     try:
-        return await asyncio.to_thread(
-            store.create_user, username, password_hash, email=email or None, roles=tuple(roles)
-        )
+        if store_calls is None:
+            return await asyncio.to_thread(create)
+        return await store_calls(create)
     except AlreadyExists:
         raise AlreadyExistsError("that username is taken") from None
     except StoreUnavailable:
@@ -172,6 +186,8 @@ class Accounts:
         cache: Cache,
         events: AuthEvents,
         *,
+        store_calls: StoreCalls,
+        hash_executor: Executor,
         hasher: PasswordHasher,
         issuer: TokenIssuer,
         verifier: TokenVerifier,
@@ -180,6 +196,10 @@ class Accounts:
         api_key_max_ttl: timedelta = timedelta(days=365),
     ) -> None:
         self._store = store
+        # Store work runs on the server's bounded store threads; password hashes on
+        # threads of their own, so neither can hold up the other.
+        self._calls = store_calls
+        self._hash_executor = hash_executor
         self._cache = cache
         self._events = events
         self._hasher = hasher
@@ -189,10 +209,14 @@ class Accounts:
         self._api_key_ttl = api_key_ttl
         self._api_key_max_ttl = api_key_max_ttl
         self._hash_slots = asyncio.Semaphore(login_policy.concurrent_hashes)
+        self._profiles = _ProfileCache()
+        events.on(AuthEvent.USER_CHANGED, self._profiles.forget)
+        events.on(AuthEvent.PROFILE_CHANGED, self._profiles.forget)
+        events.on_resync(self._profiles.clear)
 
     async def _db(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return await asyncio.to_thread(function, *args, **kwargs)
+            return await self._calls(function, *args, **kwargs)
         except StoreUnavailable:
             raise UnavailableError() from None
 
@@ -212,13 +236,18 @@ class Accounts:
         async def hash_password(password: str) -> str:
             return await self._hashing(self._hasher.hash, password)
 
-        return await register_account(self._store, hash_password, username, password, email)
+        return await register_account(
+            self._store, hash_password, username, password, email, store_calls=self._calls
+        )
 
     async def _hashing(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """argon2 work, a few at a time: it takes 64 MiB and a core for ~0.1 s each, and
         must never occupy every worker thread the rest of the server needs."""
         async with self._hash_slots:
-            return await asyncio.to_thread(function, *args, **kwargs)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._hash_executor, functools.partial(function, *args, **kwargs)
+            )
 
     async def login(self, username: str, password: str, peer_host: str, device: str) -> Session:
         """``device`` is the caller's certificate identity; the session is bound to it."""
@@ -276,6 +305,7 @@ class Accounts:
         # account keeps running to its window's end (someone else may still be guessing).
         await self._cache.reset(f"login:failures:{account}:{device}")
         await self._db(self._store.record_login_success, user.username)
+        await self._events.publish(AuthEvent.PROFILE_CHANGED, user.username)
         if self._hasher.needs_rehash(user.password_hash):
             new_hash = await self._hashing(self._hasher.hash, password)
             await self._db(self._store.update_user_fields, user.username, password_hash=new_hash)
@@ -451,11 +481,18 @@ class Accounts:
         return _bounded(username, "username", 64)
 
     async def get_user(self, actor: Principal, username: str) -> UserRecord:
+        """A profile, from memory when no change was announced since it was read."""
         target = self._target(actor, username)
+        cached = self._profiles.get(target)
+        if cached is not None:
+            return cached
+        generation = self._profiles.generation
         try:
-            return await self._db(self._store.get_user, target)
+            user = await self._db(self._store.get_user, target)
         except NotFound:
             raise NotFoundError("no such user") from None
+        self._profiles.put(user, generation)
+        return user
 
     async def update_profile(
         self,
@@ -468,7 +505,7 @@ class Accounts:
         keep_api_keys: bool = False,
     ) -> UserRecord:
         target = self._target(actor, username)
-        user = await self.get_user(actor, target)
+        user = await self._fresh_user(target)
         password_hash: str | Unset = UNSET
         if new_password:
             validate_password(_bounded(new_password, "new_password"), username=user.username)
@@ -487,6 +524,7 @@ class Accounts:
             email=email_value,
             password_hash=password_hash,
         )
+        await self._events.publish(AuthEvent.PROFILE_CHANGED, updated.username)
         if new_password:
             keep = actor.session_id if target == actor.username else None
             await self._end_sessions_of(user.username, "password changed", keep)
@@ -507,6 +545,13 @@ class Accounts:
             await self._events.publish(AuthEvent.API_KEY_REVOKED, lookup_id)
         if revoked:
             audit_note().detail["api_keys"] = f"revoked {len(revoked)}"
+
+    async def _fresh_user(self, username: str) -> UserRecord:
+        """The record from the database, for decisions (a password check, scopes)."""
+        try:
+            return await self._db(self._store.get_user, username)
+        except NotFound:
+            raise NotFoundError("no such user") from None
 
     # -- roles and activation (administrators) ---------------------------------------------
 
@@ -583,7 +628,7 @@ class Accounts:
             raise PermissionDeniedError("creating an API key needs a login session")
         device = _device_identity(actor, bound_device) if bound_device else None
         target = self._target(actor, owner)
-        user = await self.get_user(actor, target)
+        user = await self._fresh_user(target)
         wanted = frozenset(scopes) or frozenset({USER})
         if not wanted <= API_KEY_SCOPES:
             raise InvalidArgumentError("scopes must be roles such as 'user' or 'admin'")
@@ -622,3 +667,36 @@ class Accounts:
             raise NotFoundError("no such API key") from None
         await self._events.publish(AuthEvent.API_KEY_REVOKED, record.lookup_id)
         return record
+
+
+class _ProfileCache:
+    """Profiles by canonical username, forgotten on every announced change.
+
+    A profile read while a change was announced may be the old one: it is returned to
+    its caller but not kept (the generation moved).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, UserRecord]] = {}
+        self.generation = 0
+
+    def get(self, username: str) -> UserRecord | None:
+        entry = self._entries.get(username.casefold())
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, user: UserRecord, loaded_at_generation: int) -> None:
+        if loaded_at_generation != self.generation:
+            return
+        if len(self._entries) >= _MAX_PROFILES:
+            self._entries.clear()
+        self._entries[user.username.casefold()] = (time.monotonic() + _PROFILE_SECONDS, user)
+
+    def forget(self, username: str) -> None:
+        self.generation += 1
+        self._entries.pop(username.casefold(), None)
+
+    async def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 
 from nodepool.errors import InvalidArgumentError, UnavailableError
-from nodepool.store import AuditEntry, InvalidArgument, Page, Store, StoreUnavailable
+from nodepool.store import (
+    AuditEntry,
+    AuditStore,
+    InvalidArgument,
+    Page,
+    StoreCalls,
+    StoreUnavailable,
+)
 
 __all__ = ["MAX_PAGE_SIZE", "AuditLog"]
 
@@ -14,8 +20,9 @@ MAX_PAGE_SIZE = 500
 
 
 class AuditLog:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: AuditStore, store_calls: StoreCalls) -> None:
         self._store = store
+        self._calls = store_calls
 
     async def list(
         self,
@@ -29,7 +36,7 @@ class AuditLog:
     ) -> Page[AuditEntry]:
         limit = min(page_size or 100, MAX_PAGE_SIZE)
         try:
-            return await asyncio.to_thread(
+            return await self._calls(
                 self._store.list_audit,
                 limit=limit,
                 cursor=cursor,

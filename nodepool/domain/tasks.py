@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nodepool.auth.principal import Principal
+from nodepool.background import Lease
 from nodepool.domain.nodes import ADMIN_ROLE, NodeEntry, NodeRegistry, check_labels
 from nodepool.errors import (
     FailedPreconditionError,
@@ -240,10 +241,17 @@ class Scheduler:
         self._reread_queues = True
         self._wake.set()
 
-    async def run(self) -> None:
-        """Places tasks whenever woken (and at least every second), until cancelled."""
+    async def run(self, lease: Lease | None = None) -> None:
+        """Places tasks whenever woken (and at least every second), until cancelled.
+
+        With a ``lease`` it places only while this instance holds it, so several instances
+        sharing one database schedule one at a time (assignments would stay correct without
+        it, being compare-and-set, but rounds would collide).
+        """
         loop = asyncio.get_running_loop()
         last_round = -math.inf
+        holding = False
+        renewed_at = -math.inf
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _FALLBACK_WAKE_SECONDS)
@@ -255,6 +263,14 @@ class Scheduler:
                 await asyncio.sleep(_MIN_ROUND_SECONDS - since)
             last_round = loop.time()
             self._wake.clear()
+            if lease is not None and (not holding or last_round - renewed_at > lease.ttl / 3):
+                try:
+                    holding = await lease.hold(holding)
+                except Exception:  # the cache is down: nobody may be sure to hold it
+                    holding = False
+                renewed_at = last_round
+                if not holding:
+                    continue
             try:
                 placed = await self.place()
             except (StoreUnavailable, UnavailableError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from nodepool.cache import Cache
 from nodepool.domain.accounts import Accounts, LoginPolicy
 from nodepool.errors import UnavailableError
 from nodepool.settings import Settings
-from nodepool.store import ApiKeyRecord, NotFound, Store, StoreUnavailable
+from nodepool.store import ApiKeyRecord, NotFound, Store, StoreCalls, StoreUnavailable
 
 __all__ = ["AuthParts", "SigningKeyWatcher", "build_auth", "password_hasher", "token_config"]
 
@@ -102,9 +101,13 @@ def build_auth(
     store: Store,
     cache: Cache,
     keys: SigningKeys,
-    poll_executor: Executor | None = None,
+    *,
+    store_calls: StoreCalls,
+    background_calls: StoreCalls,
+    hash_executor: Executor,
 ) -> AuthParts:
-    """``poll_executor`` runs the revocation reads, apart from the call path's threads."""
+    """``store_calls`` serve the call path (credential loads, account work);
+    ``background_calls`` the pollers and flushers, so neither can starve the other."""
     config = token_config(settings)
     verifier = TokenVerifier(keys, config)
     issuer = TokenIssuer(keys, config)
@@ -112,7 +115,7 @@ def build_auth(
 
     async def load_user(username: str) -> UserSnapshot | None:
         try:
-            user = await asyncio.to_thread(store.get_user, username)
+            user = await store_calls(store.get_user, username)
         except NotFound:
             return None
         except StoreUnavailable:
@@ -121,7 +124,7 @@ def build_auth(
 
     async def load_api_key(lookup_id: str) -> ApiKeyRecord | None:
         try:
-            return await asyncio.to_thread(store.get_api_key_by_lookup_id, lookup_id)
+            return await store_calls(store.get_api_key_by_lookup_id, lookup_id)
         except NotFound:
             return None
         except StoreUnavailable:
@@ -135,11 +138,10 @@ def build_auth(
                 except NotFound:
                     continue
 
-        await asyncio.to_thread(touch_all)
+        await background_calls(touch_all)
 
     async def revoked_sessions(since: datetime) -> list[str]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(poll_executor, store.list_sessions_revoked_since, since)
+        return await background_calls(store.list_sessions_revoked_since, since)
 
     api_keys = ApiKeyDirectory(load_api_key, touch_api_keys)
     credentials = CredentialResolver(
@@ -156,6 +158,8 @@ def build_auth(
         store,
         cache,
         events,
+        store_calls=store_calls,
+        hash_executor=hash_executor,
         hasher=password_hasher(settings),
         issuer=issuer,
         verifier=verifier,

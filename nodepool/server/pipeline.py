@@ -1,28 +1,43 @@
 """The call pipeline: every call passes a fixed sequence of stages before a servicer.
 
 Order (DESIGN.md §3): peer identity → revocation → credentials → authorization → audit.
-The peer certificate is visible only on the ServicerContext, not on HandlerCallDetails,
-so the stages run inside a wrapped handler. Methods missing from the method table are
-refused: deny by default.
+The pipeline is the server's one ``grpc.aio`` interceptor, so every handler the server
+has (health and reflection included) passes it. The peer certificate is visible only on
+the ServicerContext, not on HandlerCallDetails, so the stages run inside a wrapped
+handler, built once per method and then looked up. Methods missing from the method table
+are refused: deny by default.
+
+Two more rules hold for every method:
+
+- nothing is decoded before the stages: handlers take the raw request bytes and the
+  request is parsed only once the caller is identified, unrevoked and admitted; a body
+  that does not parse is refused ``INVALID_ARGUMENT`` (audited, no traceback);
+- an open response stream is re-checked: the stages run again every
+  ``recheck_seconds`` while it is open, and the stream ends with the refusal as soon as
+  one refuses (a revoked or expired certificate, an ended session, a revoked key, a
+  deactivated user, a role that no longer allows the method).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import grpc
 
 from nodepool.auth.authorization import Authorizer
+from nodepool.auth.call import Call
 from nodepool.auth.certificates import PeerCertificateCache
-from nodepool.auth.principal import CURRENT_PRINCIPAL, PeerIdentity, Principal
+from nodepool.auth.principal import CURRENT_PRINCIPAL
 from nodepool.auth.revocation import RevocationList
 from nodepool.auth.rules import Access, MethodRule
 from nodepool.errors import (
+    InvalidArgumentError,
     NodePoolError,
     PermissionDeniedError,
     UnauthenticatedError,
@@ -32,10 +47,10 @@ from nodepool.server.inputs import check_request_strings
 from nodepool.status import status_for
 
 __all__ = [
+    "RECHECK_SECONDS",
     "Call",
     "CallAuditor",
     "CallPipeline",
-    "GuardedServer",
     "Stage",
     "authorization_stage",
     "identity_stage",
@@ -49,21 +64,17 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 # The stubs make these generic; at run time they are plain classes.
 if TYPE_CHECKING:
     _Handler = grpc.RpcMethodHandler[Any, Any]
-    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
     _Handler = grpc.RpcMethodHandler
-    _GenericHandler = grpc.GenericRpcHandler
+    _Interceptor = grpc.aio.ServerInterceptor
 
+# How often an open stream's caller is checked again: with the revocation poll (0.25 s)
+# and credential announcements (immediate), a stream ends within about a second of a
+# revocation, well inside the 2 s SECURITY.md promises.
+RECHECK_SECONDS = 0.5
 
-@dataclass(slots=True)
-class Call:
-    """What the stages know about one call; each stage may add to it."""
-
-    method: str
-    rule: MethodRule
-    context: _Context
-    peer: PeerIdentity | None = None
-    principal: Principal | None = None
+_UNDECODABLE = InvalidArgumentError("the request could not be decoded")
 
 
 class Stage(Protocol):
@@ -114,13 +125,11 @@ def authorization_stage(authorizer: Authorizer) -> Stage:
     return check_authorization
 
 
-class CallPipeline:
-    """Wraps every method handler, once, when it is registered.
+class CallPipeline(_Interceptor):
+    """The server interceptor: wraps each method's handler once, then looks it up.
 
-    A ``grpc.aio`` server interceptor runs per call and rebuilds the wrapped handler each
-    time; wrapping at registration costs nothing per call beyond the stages themselves.
-    Services are registered through :meth:`guarded` so that no handler reaches the server
-    unwrapped, and a method missing from the table is refused: deny by default.
+    ``grpc.aio`` asks the interceptor for a handler on every call; the wrapped handler is
+    memoized per method, so the per-call cost is a dictionary lookup and the stages.
     """
 
     def __init__(
@@ -128,59 +137,70 @@ class CallPipeline:
         method_rules: Mapping[str, MethodRule],
         stages: Sequence[Stage],
         auditor: CallAuditor,
+        *,
+        recheck_seconds: float = RECHECK_SECONDS,
     ) -> None:
         self._method_rules = method_rules
         self._stages = tuple(stages)
         self._auditor = auditor
+        self._recheck_seconds = recheck_seconds
+        # Bounded by the methods the server has: unknown names are answered by gRPC
+        # (UNIMPLEMENTED) and never kept.
+        self._wrapped: dict[str, _Handler] = {}
 
-    def guarded(self, server: grpc.aio.Server) -> grpc.aio.Server:
-        """A registration view of ``server``: add services to it, not to the server.
-
-        It has only the two methods the generated ``add_*_to_server`` functions call;
-        it is typed as a server so that those functions accept it.
-        """
-        return cast(grpc.aio.Server, GuardedServer(server, self))
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        # The stubs say a handler; gRPC gives None for a method no service has.
+        handler: _Handler | None = await continuation(handler_call_details)
+        if handler is None:
+            return None  # type: ignore[return-value]
+        wrapped = self.guard(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
 
     def guard(self, method: str, handler: _Handler) -> _Handler:
+        """``handler`` behind the stages (or refused, when ``method`` is not in the table)."""
         rule = self._method_rules.get(method)
         if rule is None:
             return self._refusing_handler(handler, method)
         return self._wrap(handler, method, rule)
 
+    async def _refuse(self, call: Call, context: _Context, error: NodePoolError) -> NoReturn:
+        self._auditor.refused(call, error)
+        await context.abort(status_for(error), error.public_message)
+        raise AssertionError("abort returned")  # pragma: no cover - abort raises
+
     def _refusing_handler(self, handler: _Handler, method: str) -> _Handler:
         error = PermissionDeniedError("method not allowed")
         rule = MethodRule(Access.USER, audited=True)
-        auditor = self._auditor
 
         async def refuse(request: Any, context: _Context) -> Any:
-            auditor.refused(Call(method=method, rule=rule, context=context), error)
-            await context.abort(status_for(error), error.public_message)
+            await self._refuse(Call(method=method, rule=rule, context=context), context, error)
 
-        if handler.response_streaming:
-
-            async def refuse_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
-                await refuse(request, context)
-                yield None  # pragma: no cover - abort raises
-
-            return _replace_behaviour(handler, refuse_stream)
         return _replace_behaviour(handler, refuse)
 
     def _wrap(self, handler: _Handler, method: str, rule: MethodRule) -> _Handler:
         stages = self._stages
         auditor = self._auditor
         audited = rule.audited
-
-        async def refuse(call: Call, error: NodePoolError) -> NoReturn:
-            auditor.refused(call, error)
-            await call.context.abort(status_for(error), error.public_message)
+        refuse = self._refuse
+        decode: Callable[[bytes], Any] | None = handler.request_deserializer
+        request_streaming = handler.request_streaming
 
         def failed(call: Call, context: _Context) -> None:
             auditor.finished(call, context.code() or grpc.StatusCode.UNKNOWN)
 
-        if handler.unary_unary is not None or handler.stream_unary is not None:
+        if not handler.response_streaming:
             behaviour: Any = handler.unary_unary or handler.stream_unary
 
-            async def unary_response(request: Any, context: _Context) -> Any:
+            async def unary_response(raw: Any, context: _Context) -> Any:
                 # The stages run inline: no coroutine per call unless one must wait.
                 call = Call(method=method, rule=rule, context=context)
                 try:
@@ -188,13 +208,27 @@ class CallPipeline:
                         pending = stage(call)
                         if pending is not None:
                             await pending
-                    check_request_strings(request)  # one input rule for every backend
                 except NodePoolError as error:
-                    await refuse(call, error)
+                    await refuse(call, context, error)
                 except Exception:
                     # A stage that cannot decide must not let the call through, nor leak why.
                     _log.exception("call refused: a check failed unexpectedly")
-                    await refuse(call, UnavailableError())
+                    await refuse(call, context, UnavailableError())
+                # Decoded only now, for an admitted caller.
+                if request_streaming:
+                    request = _decoded(raw, decode, call, context, refuse)
+                elif decode is None:
+                    request = raw
+                else:
+                    try:
+                        request = decode(raw)
+                    except Exception:
+                        # Refused and audited, never a traceback in the log.
+                        await refuse(call, context, _UNDECODABLE)
+                    try:
+                        check_request_strings(request)  # one input rule for every backend
+                    except NodePoolError as error:
+                        await refuse(call, context, error)
                 token = CURRENT_PRINCIPAL.set(call.principal)  # type: ignore[arg-type]
                 try:
                     response = await behaviour(request, context)
@@ -213,82 +247,111 @@ class CallPipeline:
 
         stream_behaviour: Any = handler.unary_stream or handler.stream_stream
 
-        async def stream_response(request: Any, context: _Context) -> AsyncIterator[Any]:
+        async def stream_response(raw: Any, context: _Context) -> None:
             call = Call(method=method, rule=rule, context=context)
-            try:
-                for stage in stages:
-                    pending = stage(call)
-                    if pending is not None:
-                        await pending
-                check_request_strings(request)  # one input rule for every backend
-            except NodePoolError as error:
-                await refuse(call, error)
-            except Exception:
-                # A stage that cannot decide must not let the call through, nor leak why.
-                _log.exception("call refused: a check failed unexpectedly")
-                await refuse(call, UnavailableError())
+            await self._admit(call, context)
+            if request_streaming:
+                request = _decoded(raw, decode, call, context, refuse)
+            elif decode is None:
+                request = raw
+            else:
+                try:
+                    request = decode(raw)
+                except Exception:
+                    await refuse(call, context, _UNDECODABLE)
+                try:
+                    check_request_strings(request)  # one input rule for every backend
+                except NodePoolError as error:
+                    await refuse(call, context, error)
             token = CURRENT_PRINCIPAL.set(call.principal)  # type: ignore[arg-type]
             try:
-                result = stream_behaviour(request, context)
-                if inspect.isasyncgen(result):
-                    async for response in result:
-                        yield response
-                else:
-                    # A coroutine that writes with context.write() itself.
-                    await result
+                # A task of its own (it inherits the principal), so the stream can be
+                # ended from here when a re-check refuses, even while it waits.
+                serving = asyncio.ensure_future(_serve_stream(stream_behaviour, request, context))
+            finally:
+                CURRENT_PRINCIPAL.reset(token)
+            try:
+                await self._watch(call, context, serving)
             except BaseException:
                 failed(call, context)
                 raise
             finally:
-                CURRENT_PRINCIPAL.reset(token)
+                serving.cancel()
             if audited:
                 auditor.finished(call, context.code() or grpc.StatusCode.OK)
 
         return _replace_behaviour(handler, stream_response)
 
-
-class _GuardedGenericHandler(_GenericHandler):
-    def __init__(self, inner: _GenericHandler, pipeline: CallPipeline) -> None:
-        self._inner = inner
-        self._pipeline = pipeline
-        self._wrapped: dict[str, _Handler | None] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> _Handler | None:
-        method = handler_call_details.method
+    async def _admit(self, call: Call, context: _Context) -> None:
+        """Runs the stages; refuses the call (and raises) when one refuses."""
         try:
-            return self._wrapped[method]
-        except KeyError:
-            pass
-        handler = self._inner.service(handler_call_details)
-        wrapped = None if handler is None else self._pipeline.guard(method, handler)
-        # Bounded by the methods the inner handler knows; unknown names are not kept.
-        if handler is not None:
-            self._wrapped[method] = wrapped
-        return wrapped
+            for stage in self._stages:
+                pending = stage(call)
+                if pending is not None:
+                    await pending
+        except NodePoolError as error:
+            await self._refuse(call, context, error)
+        except Exception:
+            _log.exception("call refused: a check failed unexpectedly")
+            await self._refuse(call, context, UnavailableError())
+
+    async def _watch(self, call: Call, context: _Context, serving: asyncio.Future[None]) -> None:
+        """Waits for the stream to end, re-running the stages while it is open."""
+        while True:
+            done, _ = await asyncio.wait((serving,), timeout=self._recheck_seconds)
+            if done:
+                serving.result()
+                return
+            again = Call(method=call.method, rule=call.rule, context=call.context)
+            try:
+                for stage in self._stages:
+                    pending = stage(again)
+                    if pending is not None:
+                        await pending
+                continue
+            except NodePoolError as error:
+                refusal = error
+            except Exception:
+                _log.exception("stream ended: a check failed unexpectedly")
+                refusal = UnavailableError()
+            serving.cancel()
+            with contextlib.suppress(BaseException):
+                await serving
+            # Audited with what the stream was admitted as, and the reason it ended.
+            await self._refuse(call, context, refusal)
 
 
-class GuardedServer:
-    """What the generated ``add_*Servicer_to_server`` functions register through."""
+async def _serve_stream(behaviour: Any, request: Any, context: _Context) -> None:
+    result = behaviour(request, context)
+    if inspect.isasyncgen(result):
+        async for response in result:
+            await context.write(response)
+    else:
+        # A coroutine that writes with context.write() itself.
+        await result
 
-    def __init__(self, server: grpc.aio.Server, pipeline: CallPipeline) -> None:
-        self._server = server
-        self._pipeline = pipeline
 
-    def add_generic_rpc_handlers(self, handlers: Sequence[_GenericHandler]) -> None:
-        self._server.add_generic_rpc_handlers(
-            tuple(_GuardedGenericHandler(handler, self._pipeline) for handler in handlers)
-        )
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, _Handler]
-    ) -> None:
-        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
-            service,
-            {
-                name: self._pipeline.guard(f"/{service}/{name}", handler)
-                for name, handler in handlers.items()
-            },
-        )
+async def _decoded(
+    raw: AsyncIterator[bytes],
+    decode: Callable[[bytes], Any] | None,
+    call: Call,
+    context: _Context,
+    refuse: Callable[[Call, _Context, NodePoolError], Awaitable[NoReturn]],
+) -> AsyncIterator[Any]:
+    """A request stream decoded message by message, after the stages admitted the call."""
+    async for message in raw:
+        if decode is None:
+            yield message
+            continue
+        try:
+            decoded = decode(message)
+        except Exception:
+            await refuse(call, context, _UNDECODABLE)
+        try:
+            check_request_strings(decoded)  # one input rule for every backend
+        except NodePoolError as error:
+            await refuse(call, context, error)
+        yield decoded
 
 
 def _replace_behaviour(handler: _Handler, behaviour: Any) -> _Handler:
@@ -299,8 +362,9 @@ def _replace_behaviour(handler: _Handler, behaviour: Any) -> _Handler:
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     factory = factories[(handler.request_streaming, handler.response_streaming)]
+    # No request deserializer: the wrapper decodes, after the stages.
     return factory(
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=None,
         response_serializer=handler.response_serializer,
     )

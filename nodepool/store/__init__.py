@@ -30,6 +30,7 @@ from nodepool.store.base import (
     UserRecord,
     UserStore,
 )
+from nodepool.store.calls import StoreCalls
 from nodepool.store.engine import create_engine_for
 from nodepool.store.errors import (
     AlreadyExists,
@@ -74,6 +75,7 @@ __all__ = [
     "SessionRecord",
     "SqlStore",
     "Store",
+    "StoreCalls",
     "StoreError",
     "StoreUnavailable",
     "TaskRecord",
@@ -90,8 +92,17 @@ __all__ = [
 ]
 
 
-def open_store(database_url: str, *, run_migrations: bool = True) -> SqlStore:
-    """Migrate (unless told not to) and open the store for ``database_url``."""
+def open_store(
+    database_url: str,
+    *,
+    run_migrations: bool = True,
+    pool_size: int = 10,
+    timeout: float | None = None,
+) -> SqlStore:
+    """Migrate (unless told not to) and open the store for ``database_url``.
+
+    ``pool_size`` and ``timeout`` as for :func:`create_engine_for`.
+    """
     if run_migrations:
         migrate(database_url)
-    return SqlStore(create_engine_for(database_url))
+    return SqlStore(create_engine_for(database_url, pool_size=pool_size, timeout=timeout))

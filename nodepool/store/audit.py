@@ -95,7 +95,7 @@ class SqlAuditStore(SqlBase, AuditStore):
             query = query.where(AuditLog.at < until)
         if cursor is not None:
             query = query.where(AuditLog.id < decode_int_cursor(cursor))
-        with self._read() as conn:
+        with self._read_one() as conn:
             rows = conn.execute(query).all()
         items = [_audit(row) for row in rows[:limit]]
         more = len(rows) > limit

@@ -42,9 +42,10 @@ class StoreCalls:
         except TimeoutError:
             raise StoreUnavailable("the database did not answer in time") from None
 
-    def shutdown(self) -> None:
-        """Drops queued calls and waits for running ones, so the store can close after."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Drops queued calls and (with ``wait``) waits for running ones, so the store can
+        close after."""
+        self._executor.shutdown(wait=wait, cancel_futures=True)
 
 
 class GroupCommit(Generic[ItemT, ResultT]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 from pathlib import Path
@@ -10,9 +11,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool, StaticPool
 
-__all__ = ["WRITE", "create_engine_for", "normalize_url"]
+__all__ = ["SINGLE_STATEMENT", "WRITE", "create_engine_for", "normalize_url"]
 
 # Execution option: the transaction will write. On SQLite it then starts with
 # BEGIN IMMEDIATE, taking the write lock up front; a deferred transaction that reads and
@@ -20,7 +21,11 @@ __all__ = ["WRITE", "create_engine_for", "normalize_url"]
 # and busy_timeout does not help there.
 WRITE = "nodepool_write"
 
-_SQLITE_BUSY_TIMEOUT_MS = 5000
+# Execution option: one statement, no transaction around it (SqlBase._read_one).
+SINGLE_STATEMENT = "nodepool_single_statement"
+
+_SQLITE_BUSY_TIMEOUT = 5.0
+_POOL_TIMEOUT = 30.0
 
 
 def normalize_url(url: str) -> str:
@@ -31,17 +36,44 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def create_engine_for(url: str) -> Engine:
-    """An engine for a ``sqlite:///`` or ``postgresql://`` URL."""
+def create_engine_for(url: str, *, pool_size: int = 10, timeout: float | None = None) -> Engine:
+    """An engine for a ``sqlite:///`` or ``postgresql://`` URL.
+
+    ``pool_size`` connections and no overflow: the server calls the store from exactly
+    that many threads (:class:`~nodepool.store.calls.StoreCalls`), so a connection is never
+    opened per call. ``timeout`` (seconds) bounds every wait for the database: a free
+    connection, a new connection, a lock, a statement. ``None`` (migrations, local admin
+    commands) waits as long as the work takes.
+    """
     sa_url = make_url(normalize_url(url))
     if sa_url.get_backend_name() == "sqlite":
-        return _sqlite_engine(sa_url.database)
+        return _sqlite_engine(sa_url.database, pool_size, timeout)
     if sa_url.get_backend_name() == "postgresql":
-        return create_engine(sa_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        connect_args: dict[str, Any] = {}
+        if timeout is not None:
+            milliseconds = int(timeout * 1000)
+            connect_args = {
+                "connect_timeout": max(1, math.ceil(timeout)),
+                # Server-side bounds: a statement or a lock wait longer than callers wait
+                # for it is cancelled, so a stall frees its connection by itself.
+                "options": f"-c statement_timeout={milliseconds} -c lock_timeout={milliseconds}",
+            }
+        return create_engine(
+            sa_url,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=_POOL_TIMEOUT if timeout is None else timeout,
+            # Checked on checkout: a connection that died with a restarted server is
+            # replaced instead of failing a call. (Measured against no ping in
+            # bench/rpc_paths.py; see bench/README.md.)
+            pool_pre_ping=True,
+            connect_args=connect_args,
+        )
     raise ValueError("unsupported database URL: expected sqlite:/// or postgresql://")
 
 
-def _sqlite_engine(database: str | None) -> Engine:
+def _sqlite_engine(database: str | None, pool_size: int, timeout: float | None) -> Engine:
+    busy_timeout = _SQLITE_BUSY_TIMEOUT if timeout is None else timeout
     in_memory = not database or database == ":memory:"
     if in_memory:
         # One shared connection, or every checkout would see a different empty database.
@@ -55,9 +87,16 @@ def _sqlite_engine(database: str | None) -> Engine:
         _create_private_file(path)
         engine = create_engine(
             f"sqlite:///{path}",
-            connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000},
+            poolclass=QueuePool,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=_POOL_TIMEOUT if timeout is None else timeout,
+            connect_args={"check_same_thread": False, "timeout": busy_timeout},
         )
-    event.listen(engine, "connect", _on_sqlite_connect)
+    busy_timeout_ms = int(busy_timeout * 1000)
+    event.listen(
+        engine, "connect", lambda conn, record: _on_sqlite_connect(conn, record, busy_timeout_ms)
+    )
     event.listen(engine, "begin", _on_sqlite_begin)
     return engine
 
@@ -72,7 +111,9 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
 
 
-def _on_sqlite_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+def _on_sqlite_connect(
+    dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry, busy_timeout_ms: int
+) -> None:
     assert isinstance(dbapi_connection, sqlite3.Connection)
     # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit BEGIN
     # would be DEFERRED and skip our choice).
@@ -80,7 +121,7 @@ def _on_sqlite_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoo
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
@@ -89,4 +130,6 @@ def _on_sqlite_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoo
 
 def _on_sqlite_begin(connection: Connection) -> None:
     options: dict[str, Any] = dict(connection.get_execution_options())
+    if options.get(SINGLE_STATEMENT):
+        return  # pysqlite in autocommit mode: the statement is its own transaction
     connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE) else "BEGIN")

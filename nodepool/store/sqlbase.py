@@ -33,7 +33,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from nodepool.store.base import (
     ROLES,
 )
-from nodepool.store.engine import WRITE
+from nodepool.store.engine import SINGLE_STATEMENT, WRITE
 from nodepool.store.errors import (
     AlreadyExists,
     Conflict,
@@ -179,6 +179,20 @@ class SqlBase:
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         with translated(), self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _read_one(self) -> Iterator[Connection]:
+        """For a read that is one statement: no BEGIN and COMMIT around it.
+
+        A single statement is atomic on its own; the transaction round trips cost more
+        than the read. PostgreSQL runs it in autocommit; on SQLite no BEGIN is sent.
+        Reads of several statements that must agree use :meth:`_read`.
+        """
+        options: dict[str, Any] = {SINGLE_STATEMENT: True}
+        if not self._sqlite:
+            options["isolation_level"] = "AUTOCOMMIT"
+        with translated(), self._engine.connect().execution_options(**options) as conn:
             yield conn
 
     @contextmanager

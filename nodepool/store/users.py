@@ -170,11 +170,11 @@ class SqlUserStore(SqlBase, UserStore):
             raise AlreadyExists("username already taken") from None
 
     def get_user(self, username: str) -> UserRecord:
-        with self._read() as conn:
+        with self._read_one() as conn:
             return self._load_user_by_name(conn, username)
 
     def get_user_by_id(self, user_id: int) -> UserRecord:
-        with self._read() as conn:
+        with self._read_one() as conn:
             return self._load_user(conn, User.id == user_id)
 
     def update_user_fields(
@@ -360,7 +360,7 @@ class SqlUserStore(SqlBase, UserStore):
             return self._load_api_key(conn, lookup_id)
 
     def get_api_key_by_lookup_id(self, lookup_id: str) -> ApiKeyRecord:
-        with self._read() as conn:
+        with self._read_one() as conn:
             return self._load_api_key(conn, lookup_id)
 
     def list_api_keys(self, owner: str) -> list[ApiKeyRecord]:
@@ -369,7 +369,7 @@ class SqlUserStore(SqlBase, UserStore):
             .where(self._owner_filter(ApiKey.user_id, owner))
             .order_by(ApiKey.id)
         )
-        with self._read() as conn:
+        with self._read_one() as conn:
             return [_api_key(row) for row in conn.execute(query)]
 
     def revoke_api_key(self, lookup_id: str, *, owner: str | None = None) -> ApiKeyRecord:
@@ -438,11 +438,11 @@ class SqlUserStore(SqlBase, UserStore):
             return self._load_session(conn, RefreshSession.id == session_id)
 
     def get_session(self, session_id: str) -> SessionRecord:
-        with self._read() as conn:
+        with self._read_one() as conn:
             return self._load_session(conn, RefreshSession.id == session_id)
 
     def get_session_by_token_hash(self, token_hash: str) -> SessionRecord:
-        with self._read() as conn:
+        with self._read_one() as conn:
             return self._load_session(conn, RefreshSession.current_token_hash == token_hash)
 
     def rotate_session(
@@ -506,7 +506,7 @@ class SqlUserStore(SqlBase, UserStore):
         return sorted(row[0] for row in rows)
 
     def list_sessions_revoked_since(self, since: datetime) -> list[str]:
-        with self._read() as conn:
+        with self._read_one() as conn:
             rows = conn.execute(
                 select(RefreshSession.id)
                 .where(RefreshSession.revoked_at >= since)

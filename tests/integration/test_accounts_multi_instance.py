@@ -205,3 +205,23 @@ def test_refusals_on_either_instance_land_in_the_shared_audit_log(
     instances.a.expect_audit(
         "/nodepool.v1.UserManager/GetUserInfo", grpc.StatusCode.UNAUTHENTICATED, since
     )
+
+
+def test_a_profile_changed_on_one_instance_is_shown_by_the_other(instances: TwoInstances) -> None:
+    tara = instances.a.new_user("tara")
+    assert instances.b.who_am_i(tara.auth).email == ""  # B has read and cached the profile
+    instances.a.users().UpdateUserProfile(
+        pb.UpdateUserProfileRequest(email="tara@example.com"), metadata=tara.auth, timeout=10
+    )
+    started = time.monotonic()
+    while instances.b.who_am_i(tara.auth).email != "tara@example.com":
+        assert time.monotonic() - started < PROPAGATION_DEADLINE, "B kept the old profile"
+        time.sleep(0.05)
+    # A login elsewhere is a profile change too (last_login).
+    before = instances.b.who_am_i(tara.auth).last_login.ToDatetime()
+    time.sleep(0.01)
+    instances.a.login(tara)
+    started = time.monotonic()
+    while instances.b.who_am_i(tara.auth).last_login.ToDatetime() <= before:
+        assert time.monotonic() - started < PROPAGATION_DEADLINE, "B kept the old last login"
+        time.sleep(0.05)

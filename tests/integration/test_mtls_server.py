@@ -76,6 +76,18 @@ def test_a_task_id_nobody_made_is_not_found(mtls_server: ServerThread, client_ce
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_method_no_service_has_answers_unimplemented(
+    mtls_server: ServerThread, client_cert: Any
+) -> None:
+    # A name the server does not know is not kept by the pipeline; gRPC answers it.
+    token = sign_up(mtls_server, client_cert, "unknown-method-user").access_token
+    with _channel(mtls_server, client_cert) as channel:
+        unknown = channel.unary_unary("/nodepool.v1.MasterNodeService/NoSuchMethod")
+        with pytest.raises(grpc.RpcError) as raised:
+            unknown(b"", metadata=bearer(token), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_node_method_refuses_a_client_certificate(
     mtls_server: ServerThread, client_cert: Any
 ) -> None:

@@ -17,6 +17,12 @@ def test_original_defaults_hold() -> None:
     assert settings.redis_url is None
     assert settings.is_sqlite
     assert settings.database_url == "sqlite:///nodepool-data/nodepool.db"
+    assert settings.database_timeout == 5.0
+
+
+def test_database_timeout_comes_from_the_environment() -> None:
+    settings = load_settings(environ={"NODEPOOL_DATABASE_TIMEOUT": "2.5"})
+    assert settings.database_timeout == 2.5
 
 
 def test_environment_wins_over_the_file(tmp_path: Path) -> None:
@@ -47,6 +53,8 @@ def test_config_file_named_by_environment(tmp_path: Path) -> None:
         ("NODEPOOL_GRPC_PORT", "abc", "NODEPOOL_GRPC_PORT: must be a whole number"),
         ("NODEPOOL_GRPC_PORT", "70000", "NODEPOOL_GRPC_PORT: must be between 0 and 65535"),
         ("NODEPOOL_MAX_WORKERS", "0", "NODEPOOL_MAX_WORKERS: must be between"),
+        ("NODEPOOL_DATABASE_TIMEOUT", "0", "NODEPOOL_DATABASE_TIMEOUT: must be between"),
+        ("NODEPOOL_DATABASE_TIMEOUT", "soon", "NODEPOOL_DATABASE_TIMEOUT: must be a number"),
         ("NODEPOOL_DATABASE_URL", "mysql://x/y", "NODEPOOL_DATABASE_URL: must be a sqlite"),
         ("NODEPOOL_REDIS_URL", "http://x", "NODEPOOL_REDIS_URL: must be a redis"),
         ("NODEPOOL_NODE_TIMEOUT", "10", "NODEPOOL_NODE_TIMEOUT: must be longer"),
