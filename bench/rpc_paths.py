@@ -53,6 +53,10 @@ from typing import Any
 
 import grpc
 
+from nodepool.v1 import master_node_pb2 as tasks
+from nodepool.v1 import master_node_pb2_grpc as tasks_grpc
+from nodepool.v1 import node_manager_pb2 as nodes
+from nodepool.v1 import node_manager_pb2_grpc as nodes_grpc
 from nodepool.v1 import user_manager_pb2 as users
 from nodepool.v1 import user_manager_pb2_grpc as users_grpc
 from pki import CertificateAuthority
@@ -123,7 +127,22 @@ async def _create_api_keys(session: Session) -> None:
         )
 
 
+# The task GetTaskStatus reads, made by its setup.
+_TASK_ID: list[str] = []
+
+
+async def _submit_one_task(session: Session) -> None:
+    reply = await tasks_grpc.MasterNodeServiceStub(session.channel).SubmitTask(  # type: ignore[misc]
+        tasks.SubmitTaskRequest(task_type="echo", payload=b"bench"),
+        metadata=session.metadata,
+        timeout=CALL_TIMEOUT,
+    )
+    _TASK_ID[:] = [reply.task_id]
+
+
 _USER = "/nodepool.v1.UserManager/"
+_NODES = "/nodepool.v1.NodeManager/"
+_TASKS = "/nodepool.v1.MasterNodeService/"
 
 CASES: tuple[Case, ...] = (
     Case(
@@ -147,6 +166,27 @@ CASES: tuple[Case, ...] = (
         lambda channel: users_grpc.UserManagerStub(channel).ListApiKeys,
         lambda index: users.ListApiKeysRequest(),
         setup=_create_api_keys,
+    ),
+    # Heartbeats (UpdateNodeStatus) need a node certificate per node: bench/heartbeats.py.
+    Case(
+        "GetNodeList",
+        _NODES + "GetNodeList",
+        lambda channel: nodes_grpc.NodeManagerStub(channel).GetNodeList,
+        lambda index: nodes.GetNodeListRequest(),
+    ),
+    Case(
+        "SubmitTask",
+        _TASKS + "SubmitTask",
+        lambda channel: tasks_grpc.MasterNodeServiceStub(channel).SubmitTask,
+        # A durable write on every call: a new pending task.
+        lambda index: tasks.SubmitTaskRequest(task_type="echo", payload=b"bench"),
+    ),
+    Case(
+        "GetTaskStatus",
+        _TASKS + "GetTaskStatus",
+        lambda channel: tasks_grpc.MasterNodeServiceStub(channel).GetTaskStatus,
+        lambda index: tasks.GetTaskStatusRequest(task_id=_TASK_ID[0]),
+        setup=_submit_one_task,
     ),
 )
 
@@ -238,6 +278,8 @@ def _serve_nodepool(layout: Layout, backend: Backend) -> Process:
             "NODEPOOL_LOG_LEVEL": "WARNING",
             # Long enough for any run the options allow.
             "NODEPOOL_ACCESS_TOKEN_TTL": "14400",
+            # SubmitTask adds a pending task per call and no worker takes them.
+            "NODEPOOL_MAX_PENDING_TASKS_PER_USER": "10000000",
             **backend.env,
             **({"NODEPOOL_MAX_WORKERS": str(WORKERS[0])} if WORKERS else {}),
         }
