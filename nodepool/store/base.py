@@ -716,7 +716,8 @@ class TaskStore(abc.ABC):
         """Create ``tasks`` for ``owner`` in one transaction, all or none; each as
         :meth:`create_task` (an idempotency key seen before returns the earlier task with
         ``False``). :class:`LimitExceeded` when the owner would have more than
-        ``max_pending`` pending tasks."""
+        ``max_pending`` pending tasks. The n-th task of the batch is created n
+        microseconds after the first, so the batch is queued (and listed) in its order."""
 
     @abc.abstractmethod
     def pending_queues(self) -> list[tuple[int, int]]:

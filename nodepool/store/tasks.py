@@ -365,7 +365,10 @@ class SqlTaskStore(SqlBase, TaskStore):
                     earlier[record.idempotency_key] = record
             results: list[tuple[TaskRecord, bool]] = []
             rows: list[dict[str, Any]] = []
-            for task in tasks:
+            for position, task in enumerate(tasks):
+                # The queue is first in, first out by (created_at, id) and ids are random:
+                # a microsecond apart, a batch's tasks run (and list) in the order given.
+                created = now + timedelta(microseconds=position)
                 key = task.idempotency_key
                 if key is not None and key in earlier:
                     results.append((earlier[key], False))
@@ -387,8 +390,8 @@ class SqlTaskStore(SqlBase, TaskStore):
                     timeout_seconds=task.timeout_seconds,
                     progress=0.0,
                     idempotency_key=key,
-                    created_at=now,
-                    updated_at=now,
+                    created_at=created,
+                    updated_at=created,
                     started_at=None,
                     finished_at=None,
                     lease_expires_at=None,
@@ -417,8 +420,8 @@ class SqlTaskStore(SqlBase, TaskStore):
                         "timeout_seconds": record.timeout_seconds,
                         "progress": 0.0,
                         "idempotency_key": key,
-                        "created_at": now,
-                        "updated_at": now,
+                        "created_at": created,
+                        "updated_at": created,
                     }
                 )
             if not rows:

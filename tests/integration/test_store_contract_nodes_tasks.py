@@ -486,9 +486,10 @@ def test_create_tasks_batch(timed: SqlStore, clock: FakeClock, alice: str) -> No
     records = [record for record, _ in results]
     assert len({r.id for r in records}) == 3
     assert [r.task_type for r in records] == ["a", "b", "c"]
-    for record in records:
+    for position, record in enumerate(records):
         assert (record.owner, record.status, record.attempts) == ("alice", "pending", 0)
-        assert record.created_at == clock.now
+        # A microsecond apart: the batch is first in, first out in the order given.
+        assert record.created_at == clock.now + timedelta(microseconds=position)
         assert record.exit_code is None
         assert timed.get_task(record.id) == record
     first, second, third = records
