@@ -197,11 +197,11 @@ def _is_admin(principal: Principal) -> bool:
 class Scheduler:
     """Places pending tasks on online, non-draining nodes whose free resources fit.
 
-    Priority first; within a priority, owners take turns (the store's queue order), so one
-    owner's flood does not starve the others; each task goes to the least-loaded node
-    that fits. Assignments are compare-and-set in the store, so even two schedulers could
-    never give one task to two nodes; in a pool of several instances, one runs it at a time
-    (a lease).
+    Priority first; within a priority, owners take turns (the store's queue order, ties
+    going to the owner served longest ago), so one owner's flood does not starve the
+    others; each task goes to the least-loaded node that fits. Assignments are
+    compare-and-set in the store, so even two schedulers could never give one task to two
+    nodes; in a pool of several instances, one runs it at a time (a lease).
     """
 
     def __init__(
@@ -227,6 +227,11 @@ class Scheduler:
         self._queues: set[tuple[int, int]] = set()
         self._queues_read_at = -math.inf
         self._reread_queues = True
+        # owner id -> the count of assignments made when the owner was last given a slot:
+        # the store puts the owner served longest ago first within a turn. In memory; a
+        # restart only forgets who went last.
+        self._served: dict[int, int] = {}
+        self._assignments_made = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -294,14 +299,20 @@ class Scheduler:
             return 0
         # The reads, the plan and the assignment run in one trip to a store thread.
         assigned, queues = await self._calls(
-            self._round, nodes, None if reread else sorted(self._queues)
+            self._round, nodes, None if reread else sorted(self._queues), dict(self._served)
         )
         self._queues = queues
+        for task in assigned:
+            self._assignments_made += 1
+            self._served[task.owner_id] = self._assignments_made
         self._hub.assigned(assigned)
         return len(assigned)
 
     def _round(
-        self, nodes: list[NodeEntry], queues: list[tuple[int, int]] | None
+        self,
+        nodes: list[NodeEntry],
+        queues: list[tuple[int, int]] | None,
+        served: dict[int, int],
     ) -> tuple[list[TaskRecord], set[tuple[int, int]]]:
         """Runs on a store thread: what is free, what waits, who gets what."""
         if queues is None:
@@ -328,7 +339,9 @@ class Scheduler:
         if not free_slots:
             return [], set(queues)
         limit = min(self._batch, free_slots)
-        queue = self._store.queued_tasks(per_owner=self._per_owner, limit=limit, queues=queues)
+        queue = self._store.queued_tasks(
+            per_owner=self._per_owner, limit=limit, queues=queues, last_served=served
+        )
         remaining = set(queues)
         if len(queue) < limit:
             # Every queue was read to its end: the ones that gave nothing are empty.

@@ -730,13 +730,19 @@ class TaskStore(abc.ABC):
         per_owner: int,
         limit: int,
         queues: Sequence[tuple[int, int]] | None = None,
+        last_served: Mapping[int, int] | None = None,
     ) -> list[QueuedTask]:
         """Pending tasks in the order the scheduler should place them: higher priority
         first; within a priority, owners take turns (each owner's oldest first), so one
         owner's flood does not starve the others. At most ``per_owner`` of each owner.
 
         ``queues`` limits the read to those (priority, owner id) queues (a caller that
-        tracks them saves reading the whole backlog); ``None`` reads every queue."""
+        tracks them saves reading the whole backlog); ``None`` reads every queue.
+
+        ``last_served`` (owner id -> a number that grows each time the owner is given a
+        slot) orders the owners within a turn: the one served longest ago (or never) first,
+        then the oldest task. Without it, when one slot frees at a time every owner's next
+        task stands at the first turn and the oldest backlog (a flood) would win each one."""
 
     @abc.abstractmethod
     def node_loads(self) -> dict[str, NodeLoad]:

@@ -641,7 +641,9 @@ class SqlTaskStore(SqlBase, TaskStore):
         per_owner: int,
         limit: int,
         queues: Sequence[tuple[int, int]] | None = None,
+        last_served: Mapping[int, int] | None = None,
     ) -> list[QueuedTask]:
+        served = last_served or {}
         # Each (priority, owner) queue is read on its own through the index, oldest first:
         # a window over the whole backlog would cost time in proportion to it every round.
         head = min(per_owner, limit)
@@ -679,7 +681,12 @@ class SqlTaskStore(SqlBase, TaskStore):
             owners = heads[priority]
             # Owners take turns: the first of each (oldest first), then the second of each...
             for turn in range(max(len(queue) for queue in owners)):
-                for _, _, task in sorted(queue[turn] for queue in owners if turn < len(queue)):
+                # Within a turn, the owner served longest ago first, then the oldest task.
+                at_turn = sorted(
+                    (queue[turn] for queue in owners if turn < len(queue)),
+                    key=lambda head: (served.get(head[2].owner_id, -1), head[0], head[1]),
+                )
+                for _, _, task in at_turn:
                     if taken.get(task.owner_id, 0) < per_owner:
                         taken[task.owner_id] = taken.get(task.owner_id, 0) + 1
                         ordered.append(task)
