@@ -69,6 +69,8 @@ _MAX_BATCH = 1000
 _MAX_WAIT_SECONDS = 60
 _MAX_ERROR_CHARS = 2048
 # A missed wake-up (or one raised on another instance) delays work at most this long.
+# Waits use asyncio.timeout, not asyncio.wait_for, which on Python 3.11 can swallow the
+# cancellation that stops a loop (when the awaited thing finishes at the same moment).
 _FALLBACK_WAKE_SECONDS = 1.0
 # How often a delivery stream reads what its node holds even when nothing said it changed
 # (assignments made by another instance).
@@ -259,7 +261,8 @@ class Scheduler:
         renewed_at = -math.inf
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), _FALLBACK_WAKE_SECONDS)
+                async with asyncio.timeout(_FALLBACK_WAKE_SECONDS):
+                    await self._wake.wait()
             # Rounds close together are merged: under load every report would wake a
             # round of its own, each paying the reads and the transaction for a task or
             # two. An idle scheduler still starts at once.
@@ -519,7 +522,8 @@ class TaskService:
                 if task.status in TASK_TERMINAL_STATUSES or remaining <= 0:
                     return task
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, _FALLBACK_WAKE_SECONDS))
+                    async with asyncio.timeout(min(remaining, _FALLBACK_WAKE_SECONDS)):
+                        await event.wait()
             finally:
                 self._hub.forget_waiter(task_id, event)
 
@@ -623,7 +627,8 @@ class TaskService:
                 if new or stop:
                     yield Delivery(list(new.values()), sorted(stop))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stream.wake.wait(), _RECONCILE_SECONDS)
+                    async with asyncio.timeout(_RECONCILE_SECONDS):
+                        await stream.wake.wait()
         finally:
             self._hub.close(node_id, stream)
 

@@ -37,6 +37,9 @@ class StoreCalls:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, functools.partial(function, *args, **kwargs))
         try:
+            # Not asyncio.wait_for: on Python 3.11 it returns the result when a cancellation
+            # arrives as the call finishes, so the caller (a background loop being stopped)
+            # never sees the cancellation and runs on. asyncio.timeout keeps it.
             async with asyncio.timeout(self.timeout):
                 return await future
         except TimeoutError:
