@@ -16,8 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,67 +27,15 @@ from sqlalchemy import text
 from nodepool.client import secure_channel
 from nodepool.v1 import master_node_pb2 as mpb
 from nodepool.v1 import master_node_pb2_grpc as mgrpc
+from nodepool.v1 import node_manager_pb2 as npb
+from nodepool.v1 import node_manager_pb2_grpc as ngrpc
 from nodepool.v1 import user_manager_pb2 as upb
 from nodepool.v1 import user_manager_pb2_grpc as ugrpc
 from tests.fixtures.accounts import Account, Pool, start_pool
 from tests.fixtures.server import PASSWORD, bearer
-from tests.fixtures.tasks import eventually, status_of, submit
+from tests.fixtures.tasks import eventually, status_of, submit, workers
 
 BIN = Path(sys.executable).parent
-
-
-class Worker:
-    """A ``nodepool worker`` subprocess with its own node certificate; stderr to a file."""
-
-    def __init__(self, target: str, pki_ca: Any, directory: Path, owner: str, **env: str) -> None:
-        self.node_id = f"worker-{uuid.uuid4().hex[:8]}"
-        issued = pki_ca.issue("node", self.node_id, directory / self.node_id, owner=owner)
-        self.log_path = directory / f"{self.node_id}.log"
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("NODEPOOL_")}
-        environment.update(
-            NODEPOOL_SERVER=target,
-            NODEPOOL_CERT=str(issued.cert_path),
-            NODEPOOL_KEY=str(issued.key_path),
-            NODEPOOL_CA=str(issued.ca_path),
-            **env,
-        )
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [BIN / "nodepool", "worker"], env=environment, stderr=self._log
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
-
-
-@contextmanager
-def workers(
-    target: str, pki_ca: Any, directory: Path, owner: str, count: int = 1, **env: str
-) -> Iterator[list[Worker]]:
-    made: list[Worker] = []
-    try:
-        for _ in range(count):
-            made.append(Worker(target, pki_ca, directory, owner, **env))
-        yield made
-    finally:
-        for worker in made:
-            worker.stop()
-        for worker in made:
-            assert "Traceback" not in worker.log(), worker.log()
 
 
 def _wait_status(
@@ -165,12 +112,16 @@ def test_python_runs_only_where_the_owner_enabled_it(
     script = b"import sys\nprint('hello from', sys.version_info[0])\n"
     with start_pool(request, tmp_path, "memory") as pool:
         alice = pool.new_user("alice")
-        with workers(pool.server.target, pki_ca, tmp_path, alice.username):
+        with workers(pool.server.target, pki_ca, tmp_path, alice.username) as (plain,):
             task = submit(pool, alice, "python", payload=script, max_attempts=1)
             refused = status_of(pool, alice, task.task_id, wait=30)
             assert refused.status == mpb.TASK_STATUS_FAILED
-            assert "not enabled" in refused.error
+            assert refused.error == "task type python is not enabled on this worker"
             assert refused.result == b""
+        # The stopped worker would count as online until the node timeout: remove it.
+        ngrpc.NodeManagerStub(pool.channel()).RemoveNode(
+            npb.RemoveNodeRequest(node_id=plain.node_id), metadata=pool.admin.auth, timeout=10
+        )
         with workers(
             pool.server.target, pki_ca, tmp_path, alice.username, NODEPOOL_WORKER_ALLOW_PYTHON="1"
         ):
@@ -242,7 +193,17 @@ def test_a_server_killed_mid_run_loses_nothing_and_completes_each_task_once(
             return process
 
         server = serve()
-        stack.callback(lambda: server.poll() is None and server.kill())
+
+        def stop_server() -> None:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait(timeout=10)
+
+        stack.callback(stop_server)
         channel = secure_channel(
             target, cert=client_cert.cert_path, key=client_cert.key_path, ca=client_cert.ca_path
         )
@@ -263,6 +224,12 @@ def test_a_server_killed_mid_run_loses_nothing_and_completes_each_task_once(
         crew = stack.enter_context(
             workers(target, pki_ca, tmp_path, username, 3, NODEPOOL_WORKER_TASK_SLOTS="8")
         )
+        for worker in crew:
+            eventually(
+                lambda w=worker: f"worker {w.node_id} connected" in w.log(),
+                60,
+                f"{worker.node_id} connected",
+            )
         acknowledged: dict[str, str] = {}  # task id -> payload
         killed = False
         for start in range(0, TOTAL, BATCH):
