@@ -21,6 +21,7 @@ from nodepool.cli.accounts import apikey, audit, user
 from nodepool.cli.connection import client_options, connect
 from nodepool.cli.errors import CommandError, run_command
 from nodepool.cli.nodes import node
+from nodepool.cli.tasks import task
 from nodepool.client import ClientConfigError, credential_paths, secure_channel
 from nodepool.renewal import CertificateFiles, RenewalError, renew_certificate, renewal_due_at
 from nodepool.server.app import NodePoolServer, StartupError
@@ -217,6 +218,7 @@ cli.add_command(user)
 cli.add_command(apikey)
 cli.add_command(audit)
 cli.add_command(node)
+cli.add_command(task)
 
 
 def main() -> None:
