@@ -229,6 +229,9 @@ class Scheduler:
         self._queues: set[tuple[int, int]] = set()
         self._queues_read_at = -math.inf
         self._reread_queues = True
+        # Queues that gained tasks while a round was on its store thread: the round's answer
+        # was read before them and must not replace them.
+        self._enqueued_in_round: set[tuple[int, int]] = set()
         # owner id -> the count of assignments made when the owner was last given a slot:
         # the store puts the owner served longest ago first within a turn. In memory; a
         # restart only forgets who went last.
@@ -240,7 +243,9 @@ class Scheduler:
 
     def enqueued(self, tasks: Iterable[TaskRecord]) -> None:
         """New tasks were submitted here."""
-        self._queues.update((task.priority, task.owner_id) for task in tasks)
+        queues = {(task.priority, task.owner_id) for task in tasks}
+        self._queues.update(queues)
+        self._enqueued_in_round.update(queues)
         self._wake.set()
 
     def requeued(self) -> None:
@@ -301,10 +306,11 @@ class Scheduler:
         elif not self._queues:
             return 0
         # The reads, the plan and the assignment run in one trip to a store thread.
+        self._enqueued_in_round = set()
         assigned, queues = await self._calls(
             self._round, nodes, None if reread else sorted(self._queues), dict(self._served)
         )
-        self._queues = queues
+        self._queues = queues | self._enqueued_in_round
         for task in assigned:
             self._assignments_made += 1
             self._served[task.owner_id] = self._assignments_made
