@@ -7,7 +7,10 @@
     stub = node_manager_pb2_grpc.NodeManagerStub(channel)
 
 Arguments left out come from ``NODEPOOL_SERVER``, ``NODEPOOL_CERT``, ``NODEPOOL_KEY`` and
-``NODEPOOL_CA``. Build a channel once and reuse it: each one is a TLS connection.
+``NODEPOOL_CA``; an address without a port means 50051. Build a channel once and reuse it:
+each one is a TLS connection. The files are checked before any connection is made, so an
+unreadable, malformed or mismatched certificate or key is one :class:`ClientConfigError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -19,17 +22,26 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 __all__ = [
+    "DEFAULT_PORT",
     "DEFAULT_SERVER",
     "ClientConfigError",
     "ClientCredentials",
     "aio_secure_channel",
     "credential_paths",
+    "normalize_target",
     "secure_channel",
 ]
 
-DEFAULT_SERVER = "localhost:50051"
+DEFAULT_PORT = 50051
+DEFAULT_SERVER = f"localhost:{DEFAULT_PORT}"
+
+# Targets in gRPC's own URI forms are passed through as they are.
+_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 
 _CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_time_ms", 60_000),
@@ -63,8 +75,9 @@ class ClientCredentials:
         cert_pem, key_pem, ca_pem = (
             _read(path, what) for path, what in zip(paths, _WHAT, strict=True)
         )
+        _check_material(paths, cert_pem, key_pem, ca_pem)
         return cls(
-            target=target or env.get("NODEPOOL_SERVER") or DEFAULT_SERVER,
+            target=normalize_target(target or env.get("NODEPOOL_SERVER") or DEFAULT_SERVER),
             cert_pem=cert_pem,
             key_pem=key_pem,
             ca_pem=ca_pem,
@@ -100,11 +113,59 @@ def credential_paths(
     return paths[0], paths[1], paths[2]
 
 
+def normalize_target(target: str) -> str:
+    """``HOST`` or ``HOST:PORT`` (IPv6 in brackets, or bare) as a gRPC target; 50051 by default.
+
+    gRPC itself would take a missing port to mean 443.
+    """
+    target = target.strip()
+    if target.startswith(_SCHEMES) or "://" in target:
+        return target
+    if target.startswith("["):
+        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
+    if target.count(":") > 1:  # a bare IPv6 address
+        return f"[{target}]:{DEFAULT_PORT}"
+    if target.endswith(":"):
+        return f"{target}{DEFAULT_PORT}"
+    return target if ":" in target else f"{target}:{DEFAULT_PORT}"
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
+    except IsADirectoryError:
+        raise ClientConfigError(f"{what}: {path} is a directory, not a file") from None
     except OSError as exc:
         raise ClientConfigError(f"{what}: cannot read {path} ({exc.strerror})") from None
+
+
+def _check_material(
+    paths: tuple[Path, Path, Path], cert_pem: bytes, key_pem: bytes, ca_pem: bytes
+) -> None:
+    """Parses the three files so a bad one is named here, not as a failed handshake."""
+    cert_path, key_path, ca_path = paths
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise ClientConfigError(f"cert: {cert_path} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ClientConfigError(
+            f"key: {key_path} is encrypted; give the key without a passphrase"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ClientConfigError(f"key: {key_path} is not a PEM private key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise ClientConfigError(
+            f"key: {key_path} is not the key of the certificate {cert_path} "
+            "(give the pair issued together)"
+        )
+    try:
+        x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise ClientConfigError(f"ca: {ca_path} is not a PEM certificate") from None
 
 
 def secure_channel(

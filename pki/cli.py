@@ -116,6 +116,7 @@ def _note(message: str) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nodepool", prog_name="nodepool-pki")
 def cli() -> None:
     """Node Pool's certificate authority: issue, revoke and list certificates."""
 
@@ -397,8 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(exc.format_message(), 2)
     except click.ClickException as exc:
         return _error(exc.format_message(), exc.exit_code or 1)
-    except click.Abort:
-        return _error("aborted", 1)
+    except click.Abort as exc:
+        # click turns Ctrl-C at a prompt into Abort; a shell reports Ctrl-C as 130.
+        if isinstance(exc.__cause__ or exc.__context__, EOFError):
+            return _error("no input (end of file at a prompt)", 1)
+        return _error("interrupted", 130)
     except InvalidInputError as exc:
         return _error(str(exc), 2)
     except PkiError as exc:

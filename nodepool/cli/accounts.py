@@ -1,32 +1,42 @@
 """``nodepool user``, ``nodepool apikey`` and ``nodepool audit``: accounts over gRPC.
 
-``nodepool user create-admin`` is the one local command here: it writes to the database
-on the server host, because the first administrator is never made by a remote caller.
+``nodepool user create-admin`` and ``nodepool user reset-password`` are the local commands
+here: they write to the database on the server host, because the first administrator is
+never made by a remote caller, and a lost administrator password has no remote way back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 from cryptography import x509
-from google.protobuf.json_format import MessageToDict
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from nodepool.cli.connection import SavedSession, client_options, connect, read_password
 from nodepool.cli.errors import CommandError
-from nodepool.client import ClientConfigError, credential_paths
-from nodepool.domain.accounts import ADMIN, USER, register_account
+from nodepool.cli.local import admin_settings
+from nodepool.cli.output import (
+    emit_json,
+    json_option,
+    page_json,
+    page_options,
+    print_table,
+    status_text,
+    wide_option,
+)
 from nodepool.errors import NodePoolError
-from nodepool.server.auth import password_hasher
-from nodepool.settings import SettingsError, load_settings
-from nodepool.store import StoreError, open_store
-from nodepool.v1 import audit_pb2, audit_pb2_grpc, user_manager_pb2, user_manager_pb2_grpc
+from nodepool.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    certificates_pb2,
+    master_node_pb2,
+    node_manager_pb2,
+    user_manager_pb2,
+    user_manager_pb2_grpc,
+)
 
 __all__ = ["apikey", "audit", "user"]
 
@@ -35,20 +45,18 @@ _password_file = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     help="read the password from this file [or NODEPOOL_PASSWORD, or a prompt]",
 )
-_json = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+# The roles a person can hold (nodepool.domain.accounts.ADMIN and USER, which the server
+# side imports; the CLI does not load the domain and store for every command).
+ADMIN = "admin"
+USER = "user"
 
-
-def _print_json(message: Any) -> None:
-    click.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
-
-
-def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+_json = json_option
+_config = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="the server's TOML settings file (NODEPOOL_* environment variables win over it)",
+)
 
 
 def _when(message: Any, field: str) -> str:
@@ -58,14 +66,14 @@ def _when(message: Any, field: str) -> str:
 
 
 def _show_user(user: user_manager_pb2.User) -> None:
-    _table(
+    print_table(
         f"user {user.username}",
         ("field", "value"),
         [
             ("username", user.username),
             ("email", user.email or "-"),
             ("roles", ", ".join(user.roles)),
-            ("active", "yes" if user.is_active else "no"),
+            ("active", status_text("active" if user.is_active else "inactive")),
             ("created", _when(user, "created_at")),
             ("last login", _when(user, "last_login")),
         ],
@@ -124,8 +132,9 @@ def user_login(
             user_manager_pb2.LoginUserRequest(username=username, password=password),
             auth=False,
         )
-        SavedSession.from_reply(conn.target, username, reply).save()
-    click.echo(f"logged in as {username}", err=True)
+        conn.save_session(SavedSession.from_reply(conn.target, username, reply))
+    where = f" (context {conn.context})" if conn.context else ""
+    click.echo(f"logged in as {username}{where}", err=True)
 
 
 @user.command("logout")
@@ -135,7 +144,7 @@ def user_logout(server: str | None, cert: str | None, key: str | None, ca: str |
     with connect(server, cert, key, ca) as conn:
         stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
         conn.call(stub.LogoutUser, user_manager_pb2.LogoutUserRequest())
-    SavedSession.forget()
+        conn.forget_session()
     click.echo("logged out", err=True)
 
 
@@ -156,7 +165,7 @@ def user_info(
         stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
         reply = conn.call(stub.GetUserInfo, user_manager_pb2.GetUserInfoRequest(username=username))
     if as_json:
-        _print_json(reply.user)
+        emit_json(reply.user)
     else:
         _show_user(reply.user)
 
@@ -194,6 +203,10 @@ def user_update(
     A new password ends your other sessions and revokes your API keys unless you pass
     --keep-api-keys.
     """
+    if email is None and not change_password and new_password_file is None:
+        raise click.UsageError(
+            "nothing to change: give --email, --change-password or --new-password-file"
+        )
     current = new = ""
     if change_password or new_password_file is not None:
         current = read_password(password_file)
@@ -286,17 +299,18 @@ def user_activate(
 
 @user.command("create-admin")
 @click.argument("username")
-@click.option("--email", default="")
+@click.option("--email", default="", help="contact address")
 @_password_file
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path))
+@_config
 def user_create_admin(
     username: str, email: str, password_file: Path | None, config_file: Path | None
 ) -> None:
     """Create an administrator directly in the database (run on the server host)."""
-    try:
-        settings = load_settings(config_file)
-    except SettingsError as exc:
-        raise CommandError(str(exc)) from None
+    from nodepool.domain.accounts import register_account
+    from nodepool.server.auth import password_hasher
+    from nodepool.store import StoreError, open_store
+
+    settings = admin_settings(config_file)
     password = read_password(password_file, confirm=True)
     try:
         store = open_store(settings.database_url)
@@ -316,6 +330,46 @@ def user_create_admin(
     finally:
         store.close()
     click.echo(f"administrator {created.username} created", err=True)
+
+
+@user.command("reset-password")
+@click.argument("username")
+@_password_file
+@_config
+def user_reset_password(
+    username: str, password_file: Path | None, config_file: Path | None
+) -> None:
+    """Set a new password directly in the database (run on the server host).
+
+    For a lost password, the administrator's too. The user's sessions end on every server
+    within seconds; API keys keep working.
+    """
+    from nodepool.auth.passwords import validate_password
+    from nodepool.server.auth import password_hasher
+    from nodepool.store import NotFound, StoreError, open_store
+
+    settings = admin_settings(config_file)
+    password = read_password(password_file, confirm=True)
+    try:
+        validate_password(password, username=username)
+    except NodePoolError as exc:
+        raise CommandError(exc.public_message) from None
+    try:
+        store = open_store(settings.database_url)
+    except StoreError as exc:
+        raise CommandError(f"database: cannot open ({exc})") from None
+    try:
+        store.get_user(username)
+        password_hash = password_hasher(settings).hash(password)
+        store.update_user_fields(username, password_hash=password_hash)
+        ended = store.revoke_sessions_of_user(username, reason="password reset")
+    except NotFound:
+        raise CommandError(f"no user {username!r} in {settings.database_url}") from None
+    except StoreError as exc:
+        raise CommandError(f"database: {exc}") from None
+    finally:
+        store.close()
+    click.echo(f"password of {username} reset; {len(ended)} session(s) ended", err=True)
 
 
 @click.group()
@@ -361,8 +415,10 @@ def apikey_create(
     """
     if bind_device and bind_device_id:
         raise CommandError("give --bind-device or --bind-device-id, not both")
-    device = _own_device(cert) if bind_device else bind_device_id
     with connect(server, cert, key, ca) as conn:
+        device = (
+            _own_device(conn.endpoint.cert) if conn.endpoint and bind_device else bind_device_id
+        )
         stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
         reply = conn.call(
             stub.CreateApiKey,
@@ -375,7 +431,7 @@ def apikey_create(
             ),
         )
     if as_json:
-        _print_json(reply)
+        emit_json(reply)
         return
     click.echo(
         f"key id {reply.api_key.key_id}, expires {_when(reply.api_key, 'expires_at')}", err=True
@@ -384,14 +440,13 @@ def apikey_create(
     click.echo(reply.secret)
 
 
-def _own_device(cert: str | None) -> str:
+def _own_device(cert_path: Path) -> str:
     """The URI SAN of the client certificate this command connects with."""
     try:
-        cert_path = credential_paths(cert=cert, key="-", ca="-")[0]
         certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
         names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
-    except (ClientConfigError, OSError, ValueError, x509.ExtensionNotFound):
+    except (OSError, ValueError, x509.ExtensionNotFound):
         raise CommandError("--bind-device: cannot read this device's certificate") from None
     spiffe = [uri for uri in uris if uri.startswith("spiffe://")]
     if len(spiffe) != 1:
@@ -402,20 +457,27 @@ def _own_device(cert: str | None) -> str:
 @apikey.command("list")
 @click.option("--owner", default="", help="another user's keys (admins only)")
 @_json
+@wide_option
 @client_options
 def apikey_list(
-    owner: str, as_json: bool, server: str | None, cert: str | None, key: str | None, ca: str | None
+    owner: str,
+    as_json: bool,
+    wide: bool,
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
 ) -> None:
     """List keys (never their secrets)."""
     with connect(server, cert, key, ca) as conn:
         stub = user_manager_pb2_grpc.UserManagerStub(conn.channel)
         reply = conn.call(stub.ListApiKeys, user_manager_pb2.ListApiKeysRequest(owner=owner))
     if as_json:
-        _print_json(reply)
+        emit_json(reply)
         return
-    _table(
+    print_table(
         "API keys",
-        ("key id", "name", "owner", "scopes", "device", "expires", "last used", "revoked"),
+        ("key id", "name", "owner", "scopes", "device", "status", "expires", "last used"),
         [
             (
                 k.key_id,
@@ -423,12 +485,14 @@ def apikey_list(
                 k.owner,
                 ", ".join(k.scopes),
                 k.bound_device or "any device (unbound)",
+                status_text("revoked" if k.HasField("revoked_at") else "active"),
                 _when(k, "expires_at"),
                 _when(k, "last_used_at"),
-                _when(k, "revoked_at"),
             )
             for k in reply.api_keys
         ],
+        wide=wide,
+        empty="no API keys",
     )
 
 
@@ -450,49 +514,114 @@ def audit() -> None:
     """The audit log (admins only)."""
 
 
+_SERVICES = (
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
+    certificates_pb2.DESCRIPTOR.services_by_name["CertificateService"],
+    master_node_pb2.DESCRIPTOR.services_by_name["MasterNodeService"],
+    node_manager_pb2.DESCRIPTOR.services_by_name["NodeManager"],
+    user_manager_pb2.DESCRIPTOR.services_by_name["UserManager"],
+)
+
+
+def _full_method(method: str) -> str:
+    """``LoginUser`` or ``UserManager/LoginUser`` as the log records it, ``/pkg.Svc/M``."""
+    if not method or method.startswith("/"):
+        return method
+    service, _, name = method.rpartition("/")
+    found = [
+        f"/{s.full_name}/{name}"
+        for s in _SERVICES
+        if name in s.methods_by_name and service in ("", s.name, s.full_name)
+    ]
+    if name == "Check" and service in ("", "Health", "grpc.health.v1.Health"):
+        found.append("/grpc.health.v1.Health/Check")
+    if len(found) != 1:
+        raise click.BadParameter(
+            f"{method!r} is {'ambiguous' if found else 'not a method of Node Pool'} "
+            "(as shown in the method column, e.g. LoginUser)",
+            param_hint="--method",
+        )
+    return found[0]
+
+
 @audit.command("list")
-@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
-@click.option("--user", "username", default="")
-@click.option("--method", default="")
-@click.option("--outcome", type=click.Choice(["", "allowed", "denied", "failed"]), default="")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 500),
+    default=50,
+    show_default=True,
+    help="entries per page",
+)
+@click.option(
+    "--user", "username", default="", help="only calls made as this user (a login, an API key)"
+)
+@click.option(
+    "--method", default="", help="only this method, as the table shows it (e.g. LoginUser)"
+)
+@click.option(
+    "--outcome",
+    type=click.Choice(["allowed", "denied", "failed"]),
+    default=None,
+    help="only calls that were allowed, denied (refused by a check), or failed",
+)
+@page_options
 @_json
+@wide_option
 @client_options
 def audit_list(
     limit: int,
     username: str,
     method: str,
-    outcome: str,
+    outcome: str | None,
+    page_token: str,
+    all_pages: bool,
     as_json: bool,
+    wide: bool,
     server: str | None,
     cert: str | None,
     key: str | None,
     ca: str | None,
 ) -> None:
-    """Newest entries first."""
+    """Newest entries first; a page at a time unless --all."""
+    full_method = _full_method(method)
+    events: list[audit_pb2.AuditEvent] = []
     with connect(server, cert, key, ca) as conn:
         stub = audit_pb2_grpc.AuditServiceStub(conn.channel)
-        reply = conn.call(
-            stub.ListAuditEvents,
-            audit_pb2.ListAuditEventsRequest(
-                page_size=limit, username=username, method=method, outcome=outcome
-            ),
-        )
+        while True:
+            reply = conn.call(
+                stub.ListAuditEvents,
+                audit_pb2.ListAuditEventsRequest(
+                    page_size=limit,
+                    page_token=page_token,
+                    username=username,
+                    method=full_method,
+                    outcome=outcome or "",
+                ),
+            )
+            events.extend(reply.events)
+            page_token = reply.next_page_token
+            if not all_pages or not page_token:
+                break
     if as_json:
-        _print_json(reply)
+        emit_json(page_json("events", events, page_token))
         return
-    _table(
+    print_table(
         "audit log",
         ("at", "outcome", "code", "method", "principal", "user", "peer"),
         [
             (
                 _when(e, "at"),
-                e.outcome,
-                e.code,
+                status_text(e.outcome),
+                Text(e.code),
                 e.method.rsplit("/", 1)[-1],
                 e.principal,
                 e.username or "-",
                 e.peer,
             )
-            for e in reply.events
+            for e in events
         ],
+        wide=wide,
+        empty="no entries",
     )
+    if page_token:
+        click.echo(f"more: --page-token {page_token} (or --all)", err=True)

@@ -10,6 +10,7 @@ __all__ = ["CommandError", "run_command"]
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class CommandError(click.ClickException):
@@ -20,9 +21,14 @@ def run_command(command: click.Command, args: Sequence[str] | None = None) -> in
     """Runs a click command, turning every failure into ``error: ...`` on stderr."""
     try:
         result = command.main(args=args, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        return FAILURE_EXIT
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C (and end of input) at a prompt into Abort.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, EOFError):
+            click.echo("error: no input (end of file at a prompt)", err=True)
+            return FAILURE_EXIT
+        click.echo("error: interrupted", err=True)
+        return INTERRUPTED_EXIT
     except click.UsageError as exc:
         click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         return USAGE_EXIT
@@ -33,7 +39,7 @@ def run_command(command: click.Command, args: Sequence[str] | None = None) -> in
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
-        return 130
+        return INTERRUPTED_EXIT
     except Exception as exc:
         # Still one line; the type names the failure without a traceback.
         click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))}", err=True)

@@ -9,25 +9,29 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nodepool.auth.tokens import SigningKeyError, SigningKeys
 from nodepool.cli.accounts import apikey, audit, user
-from nodepool.cli.connection import client_options, connect
+from nodepool.cli.connection import client_options, connect, describe
+from nodepool.cli.contexts import context_group, resolve_endpoint
 from nodepool.cli.errors import CommandError, run_command
+from nodepool.cli.local import admin_settings, check_server_settings, load_cli_settings
 from nodepool.cli.nodes import node
+from nodepool.cli.output import console, emit_json, status_text
 from nodepool.cli.tasks import task
-from nodepool.client import ClientConfigError, credential_paths, secure_channel
-from nodepool.renewal import CertificateFiles, RenewalError, renew_certificate, renewal_due_at
-from nodepool.server.app import NodePoolServer, StartupError
-from nodepool.settings import Settings, SettingsError, load_settings
-from nodepool.store import StoreError, migrate
-from nodepool.worker import WorkerError, WorkerOptions, run_worker
+from nodepool.client import ClientConfigError, secure_channel
+from nodepool.settings import Settings
+
+# The server, store, worker and renewal modules load only in the commands that use them,
+# so a client command starts without them.
+if TYPE_CHECKING:
+    from nodepool.renewal import CertificateFiles
+    from nodepool.worker import WorkerOptions
 
 __all__ = ["cli", "main"]
 
@@ -41,11 +45,7 @@ _config_option = click.option(
 )
 
 
-def _settings(config_file: Path | None) -> Settings:
-    try:
-        return load_settings(config_file)
-    except SettingsError as exc:
-        raise CommandError(str(exc)) from None
+_settings = load_cli_settings
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -54,18 +54,39 @@ def _configure_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if settings.log_level != "DEBUG":
+        # Alembic tells at INFO which dialect it found on every start; that is not news.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """Node Pool: the zero-trust control plane of HiveMind."""
+@click.version_option(package_name="nodepool", prog_name="nodepool")
+@click.option(
+    "--context",
+    "context_name",
+    metavar="NAME",
+    help="connect with this context instead of the current one [NODEPOOL_CONTEXT]",
+)
+@click.pass_context
+def cli(ctx: click.Context, context_name: str | None) -> None:
+    """Node Pool: the zero-trust control plane of HiveMind.
+
+    Client commands connect with --server/--cert/--key/--ca, else the NODEPOOL_SERVER,
+    NODEPOOL_CERT, NODEPOOL_KEY and NODEPOOL_CA variables, else the current context
+    (see: nodepool context --help).
+    """
+    if context_name:
+        ctx.meta["nodepool.context"] = context_name
 
 
 @cli.command()
 @_config_option
 def serve(config_file: Path | None) -> None:
     """Run the gRPC server (mutual TLS only) until SIGTERM or SIGINT."""
+    from nodepool.server.app import StartupError
+
     settings = _settings(config_file)
+    check_server_settings(settings)
     _configure_logging(settings)
     try:
         asyncio.run(_serve(settings))
@@ -74,6 +95,8 @@ def serve(config_file: Path | None) -> None:
 
 
 async def _serve(settings: Settings) -> None:
+    from nodepool.server.app import NodePoolServer
+
     loop = asyncio.get_running_loop()
     # The server sizes its own store threads from the settings (MAX_WORKERS).
     server = NodePoolServer(settings)
@@ -98,19 +121,25 @@ def worker(
     ca: str | None,
 ) -> None:
     """Run this machine as a worker node (with its node certificate) until SIGTERM."""
+    from nodepool.renewal import CertificateFiles
+    from nodepool.worker import WorkerError, WorkerOptions
+
     settings = _settings(config_file)
     _configure_logging(settings)
+    endpoint = resolve_endpoint(server, cert, key, ca)
     try:
-        files = CertificateFiles(*credential_paths(cert=cert, key=key, ca=ca))
+        files = CertificateFiles(endpoint.cert, endpoint.key, endpoint.ca)
         options = WorkerOptions(
             allow_python=settings.worker_allow_python, task_slots=settings.worker_task_slots
         )
-        asyncio.run(_work(files, server, options))
+        asyncio.run(_work(files, endpoint.target, options))
     except (ClientConfigError, WorkerError) as exc:
         raise CommandError(str(exc)) from None
 
 
 async def _work(files: CertificateFiles, server: str | None, options: WorkerOptions) -> None:
+    from nodepool.worker import run_worker
+
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -127,7 +156,11 @@ def keys() -> None:
 @_config_option
 def keys_rotate(config_file: Path | None) -> None:
     """Sign new tokens with a new key; tokens signed by older keys stay valid."""
+    from nodepool.auth.tokens import SigningKeyError, SigningKeys
+
     settings = _settings(config_file)
+    if settings.jwt_key_dir is None:
+        settings = admin_settings(config_file)
     try:
         kid = SigningKeys.rotate(settings.jwt_keys, settings.jwt_algorithm)
     except (SigningKeyError, OSError) as exc:
@@ -145,7 +178,9 @@ def db() -> None:
 @_config_option
 def db_migrate(config_file: Path | None) -> None:
     """Apply the schema migrations (the server also does this at start)."""
-    settings = _settings(config_file)
+    from nodepool.store import StoreError, migrate
+
+    settings = admin_settings(config_file, creating=True)
     try:
         migrate(settings.database_url)
     except StoreError as exc:
@@ -156,12 +191,21 @@ def db_migrate(config_file: Path | None) -> None:
 @cli.command()
 @client_options
 @click.option("--timeout", type=click.FloatRange(0.1, 300), default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def health(
-    server: str | None, cert: str | None, key: str | None, ca: str | None, timeout: float
+    server: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+    timeout: float,
+    as_json: bool,
 ) -> None:
     """Ask the server whether it is serving (gRPC health check over mTLS)."""
+    endpoint = resolve_endpoint(server, cert, key, ca)
     try:
-        channel = secure_channel(server, cert=cert, key=key, ca=ca)
+        channel = secure_channel(
+            endpoint.target, cert=endpoint.cert, key=endpoint.key, ca=endpoint.ca, environ={}
+        )
     except ClientConfigError as exc:
         raise CommandError(str(exc)) from None
     with channel:
@@ -169,9 +213,12 @@ def health(
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError as exc:
-            raise CommandError(f"{exc.code().name}: {exc.details()}") from None
+            raise CommandError(describe(exc, endpoint)) from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    click.echo(status)
+    if as_json:
+        emit_json({"server": endpoint.target, "context": endpoint.context, "status": status})
+    else:
+        console().print(status_text(status))
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise click.exceptions.Exit(1)
 
@@ -190,10 +237,11 @@ def cert_renew(
     server: str | None, cert: str | None, key: str | None, ca: str | None, if_due: bool
 ) -> None:
     """Renew the certificate with a new key made here; the files are replaced in place."""
-    try:
-        files = CertificateFiles(*credential_paths(cert=cert, key=key, ca=ca))
-    except ClientConfigError as exc:
-        raise CommandError(str(exc)) from None
+    from nodepool.renewal import CertificateFiles, RenewalError, renew_certificate, renewal_due_at
+
+    endpoint = resolve_endpoint(server, cert, key, ca)
+    files = CertificateFiles(endpoint.cert, endpoint.key, endpoint.ca)
+    server = endpoint.target
     try:
         if if_due and datetime.now(UTC) < renewal_due_at(files.load()):
             click.echo("not due yet", err=True)
@@ -219,6 +267,7 @@ cli.add_command(apikey)
 cli.add_command(audit)
 cli.add_command(node)
 cli.add_command(task)
+cli.add_command(context_group)
 
 
 def main() -> None:

@@ -32,12 +32,13 @@ from nodepool.domain.audit import AuditLog
 from nodepool.domain.certificates import CertificateRenewal
 from nodepool.domain.nodes import NodeLimits, NodeRegistry
 from nodepool.domain.tasks import DeliveryHub, Scheduler, TaskLimits, TaskService, retention_cutoff
+from nodepool.server import reflection_v1
 from nodepool.server.audit import AuditTrail
 from nodepool.server.auth import AuthParts, build_auth
 from nodepool.server.components import Background, Component, Components, Periodic
 from nodepool.server.foundation import Foundation, StartupError
 from nodepool.server.health import HealthService
-from nodepool.server.methods import HEALTH_SERVICE, METHOD_RULES
+from nodepool.server.methods import HEALTH_SERVICE, METHOD_RULES, REFLECTION_SERVICES
 from nodepool.server.pipeline import (
     CallPipeline,
     authorization_stage,
@@ -161,6 +162,11 @@ def services(
     base: Foundation, auth: AuthParts, domains: Domains, health_servicer: object
 ) -> list[Service]:
     """Every service the server answers; each method must also be in ``methods.py``."""
+    # The asyncio servicer is exported as reflection.aio; the stubs predate it. It answers
+    # reflection v1alpha and, through reflection_v1, v1.
+    reflector = reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
+        (*SERVICE_NAMES, HEALTH_SERVICE, *REFLECTION_SERVICES)
+    )
     return [
         Service(
             node_manager_pb2_grpc.add_NodeManagerServicer_to_server,
@@ -183,11 +189,8 @@ def services(
             AuditServicer(AuditLog(base.store, base.store_calls)),
         ),
         Service(health_pb2_grpc.add_HealthServicer_to_server, health_servicer),
-        Service(
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
-            # The asyncio servicer is exported as reflection.aio; the stubs predate it.
-            reflection.aio.ReflectionServicer((*SERVICE_NAMES, HEALTH_SERVICE)),  # type: ignore[attr-defined]
-        ),
+        Service(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflector),
+        Service(reflection_v1.add_to_server, reflector),
     ]
 
 

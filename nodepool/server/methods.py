@@ -21,7 +21,10 @@ __all__ = [
 ]
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
-REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",)
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
 
 
 _CERT = MethodRule(Access.CERTIFICATE, audited=False)

@@ -16,6 +16,7 @@ from nodepool.background import every, in_thread
 
 HEALTH = "/grpc.health.v1.Health/"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+REFLECTION_V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 USERS = "/nodepool.v1.UserManager/"
 NODES = "/nodepool.v1.NodeManager/"
 TASKS = "/nodepool.v1.MasterNodeService/"
@@ -23,7 +24,7 @@ AUDIT = "/nodepool.v1.AuditService/"
 RENEW = "/nodepool.v1.CertificateService/RenewCertificate"
 
 HEALTH_CHECKS = {HEALTH + "Check", HEALTH + "Watch", HEALTH + "List"}
-PROBES = HEALTH_CHECKS | {REFLECTION}
+PROBES = HEALTH_CHECKS | {REFLECTION, REFLECTION_V1}
 
 # What each single role may call, spelled out: a change to the policy that widens or
 # narrows a role must show up here in review.
@@ -80,6 +81,7 @@ DENIALS: list[tuple[frozenset[str], str]] = [
     # A bare device: nothing past sign-up, log-in and refresh.
     (frozenset({"device"}), USERS + "GetUserInfo"),
     (frozenset({"device"}), REFLECTION),
+    (frozenset({"device"}), REFLECTION_V1),
     (frozenset({"device"}), USERS + "LogoutUser"),
     (frozenset({"device"}), TASKS + "SubmitTask"),
     (frozenset({"device"}), NODES + "RegisterNode"),

@@ -15,6 +15,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+import nodepool.server.reflection_v1  # registers the v1 reflection descriptor
 import nodepool.v1
 from nodepool.auth.authorization import Authorizer, default_policy_dir
 from nodepool.server.app import SERVICE_NAMES
