@@ -264,6 +264,7 @@ class Scheduler:
         last_round = -math.inf
         holding = False
         renewed_at = -math.inf
+        failing = False
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_FALLBACK_WAKE_SECONDS):
@@ -286,10 +287,20 @@ class Scheduler:
                     continue
             try:
                 placed = await self.place()
-            except (StoreUnavailable, UnavailableError):
-                _log.warning("scheduler: the database is unavailable; will retry")
+            except Exception as error:
+                # The loop must outlive any one round: if it ended, nothing would ever be
+                # placed again. One line per failing streak, not one per retry.
+                if not failing:
+                    if isinstance(error, StoreUnavailable | UnavailableError):
+                        _log.warning("scheduler: the database is unavailable; will retry")
+                    else:
+                        _log.exception("scheduler: a round failed; will retry")
+                failing = True
                 await asyncio.sleep(_FALLBACK_WAKE_SECONDS)
                 continue
+            if failing:
+                _log.info("scheduler: placing tasks again")
+                failing = False
             if placed >= self._batch:
                 self._wake.set()  # more is waiting
 

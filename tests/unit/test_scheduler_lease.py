@@ -56,3 +56,24 @@ async def test_without_a_lease_every_wake_places() -> None:
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+class _FailingOnceScheduler(_CountingScheduler):
+    async def place(self) -> int:
+        self.rounds += 1
+        if self.rounds == 1:
+            raise RuntimeError("a bug in one round")
+        return 0
+
+
+async def test_a_round_that_fails_does_not_end_the_scheduler() -> None:
+    scheduler = _FailingOnceScheduler()
+    running = asyncio.create_task(scheduler.run())
+    try:
+        scheduler.wake()
+        await asyncio.sleep(1.3)  # the failed round, then the retry a second later
+        assert not running.done()
+        assert await _rounds_after_wakes(scheduler) > 0
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
