@@ -55,7 +55,9 @@ __all__ = [
     "NodeLimits",
     "NodeRegistration",
     "NodeRegistry",
+    "call_store",
     "check_labels",
+    "is_admin",
 ]
 
 _log = logging.getLogger(__name__)
@@ -167,8 +169,18 @@ def _check_address(address: str) -> str:
     raise InvalidArgumentError("ip_address must be an IP address or a host name")
 
 
-def _is_admin(principal: Principal) -> bool:
+def is_admin(principal: Principal) -> bool:
     return ADMIN_ROLE in principal.roles
+
+
+async def call_store(
+    calls: StoreCalls, function: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """A store call from the domain: an unreachable database is the public UNAVAILABLE."""
+    try:
+        return await calls(function, *args, **kwargs)
+    except StoreUnavailable:
+        raise UnavailableError() from None
 
 
 class NodeRegistry:
@@ -251,10 +263,7 @@ class NodeRegistry:
             self._changed(changed)
 
     async def _db(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await self._calls(function, *args, **kwargs)
-        except StoreUnavailable:
-            raise UnavailableError() from None
+        return await call_store(self._calls, function, *args, **kwargs)
 
     # -- who may act on which node ------------------------------------------------------
 
@@ -270,7 +279,7 @@ class NodeRegistry:
 
     def _owner_scope(self, principal: Principal, owner: str = "") -> str | None:
         """``None`` (every owner) for an admin who names nobody; otherwise one owner."""
-        if _is_admin(principal):
+        if is_admin(principal):
             return owner or None
         if principal.username is None:
             raise PermissionDeniedError()
@@ -434,7 +443,7 @@ class NodeRegistry:
             node: NodeRecord = await self._db(self._store.get_node, node_id)
         except NotFound:
             raise NotFoundError("no such node") from None
-        if not _is_admin(principal) and (
+        if not is_admin(principal) and (
             principal.username is None or node.owner.casefold() != principal.username.casefold()
         ):
             raise NotFoundError("no such node")
@@ -480,7 +489,7 @@ class NodeRegistry:
     async def events(
         self, principal: Principal, node_id: str, *, page_size: int, cursor: str | None
     ) -> Page[NodeEventRecord]:
-        if not _is_admin(principal):
+        if not is_admin(principal):
             await self._visible(principal, node_id)
         try:
             page: Page[NodeEventRecord] = await self._db(

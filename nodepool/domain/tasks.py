@@ -26,7 +26,7 @@ from typing import Any
 
 from nodepool.auth.principal import Principal
 from nodepool.background import Lease
-from nodepool.domain.nodes import ADMIN_ROLE, NodeEntry, NodeRegistry, check_labels
+from nodepool.domain.nodes import NodeEntry, NodeRegistry, call_store, check_labels, is_admin
 from nodepool.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -190,10 +190,6 @@ class DeliveryHub:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _is_admin(principal: Principal) -> bool:
-    return ADMIN_ROLE in principal.roles
 
 
 class Scheduler:
@@ -473,10 +469,7 @@ class TaskService:
         return results
 
     async def _db(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await self._calls(function, *args, **kwargs)
-        except StoreUnavailable:
-            raise UnavailableError() from None
+        return await call_store(self._calls, function, *args, **kwargs)
 
     # -- users ---------------------------------------------------------------------------
 
@@ -517,7 +510,7 @@ class TaskService:
         except NotFound:
             raise NotFoundError("no such task") from None
         if (
-            not _is_admin(principal)
+            not is_admin(principal)
             and task.owner.casefold() != self._username(principal).casefold()
         ):
             raise NotFoundError("no such task")
@@ -567,7 +560,7 @@ class TaskService:
         page_size: int,
         cursor: str | None,
     ) -> Page[TaskRecord]:
-        if _is_admin(principal):
+        if is_admin(principal):
             scope = owner or None
         else:
             scope = self._username(principal)
